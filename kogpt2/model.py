@@ -1,0 +1,283 @@
+"""GPT-2 decoder in plain PyTorch, read top to bottom.
+
+Weights are kept as ``nn.Linear`` ([out, in]); ``load_hf_state_dict`` / ``hf_state_dict`` translate to and from
+the Hugging Face ``GPT2LMHeadModel`` layout (Conv1D weights stored [in, out]) so published KoGPT2 files load as
+they are and our weights load into ``transformers``.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import KoGPT2Error
+
+ACTIVATIONS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 51200
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    layer_norm_epsilon: float = 1e-5
+    activation: str = "gelu_new"  # KoGPT2 v1 was trained with the exact erf GELU ("gelu"), v2 with "gelu_new"
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise KoGPT2Error(f"unknown activation '{self.activation}'; expected one of {sorted(ACTIVATIONS)}")
+        if self.n_embd % self.n_head:
+            raise KoGPT2Error(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "GPTConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "GPTConfig":
+        """Read a Hugging Face GPT-2 ``config.json``."""
+        return cls(
+            vocab_size=hf["vocab_size"],
+            n_positions=hf.get("n_positions", hf.get("n_ctx", 1024)),
+            n_embd=hf["n_embd"],
+            n_layer=hf["n_layer"],
+            n_head=hf["n_head"],
+            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+            activation=hf.get("activation_function", "gelu_new"),
+            dropout=hf.get("resid_pdrop", 0.1),
+        )
+
+    def to_hf(self) -> dict:
+        return {
+            "model_type": "gpt2",
+            "architectures": ["GPT2LMHeadModel"],
+            "vocab_size": self.vocab_size,
+            "n_positions": self.n_positions,
+            "n_ctx": self.n_positions,
+            "n_embd": self.n_embd,
+            "n_layer": self.n_layer,
+            "n_head": self.n_head,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "activation_function": self.activation,
+            "resid_pdrop": self.dropout,
+            "embd_pdrop": self.dropout,
+            "attn_pdrop": self.dropout,
+            "tie_word_embeddings": True,
+        }
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, preallocated so a step only writes one slot."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype) -> None:
+        head_dim = config.n_embd // config.n_head
+        shape = (config.n_layer, 2, batch_size, config.n_head, max_len, head_dim)
+        self.buffer = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.buffer.shape[-2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[-2]
+        self.buffer[layer, 0, :, :, self.length:end] = k
+        self.buffer[layer, 1, :, :, self.length:end] = v
+        return self.buffer[layer, 0, :, :, :end], self.buffer[layer, 1, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, layer: int, mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.approximate = ACTIVATIONS[config.activation]
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, layer: int, mask, cache) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), layer, mask, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.n_positions, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # GPT-2's scaled init of residual projections
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits [batch, time, vocab] for token ids [batch, time].
+
+        ``attention_mask`` [batch, cached + time] marks real tokens (1) and padding (0), for batched prompts of
+        different lengths; ``positions`` then default to each row's count of real tokens so far. With a ``cache``
+        the call sees only the new tokens and appends their keys and values.
+        """
+        B, T = idx.shape
+        past = cache.length if cache is not None else 0
+        if past + T > self.config.n_positions:
+            raise KoGPT2Error(f"sequence of {past + T} tokens is longer than the model's {self.config.n_positions} positions")
+        if cache is not None and past + T > cache.capacity:
+            raise KoGPT2Error(f"KV cache holds {cache.capacity} tokens, {past + T} requested")
+        if positions is None:
+            if attention_mask is None:
+                positions = torch.arange(past, past + T, device=idx.device).expand(B, T)
+            else:
+                positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        mask = self._attention_mask(attention_mask, past, T, idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, layer, mask, cache)
+        if cache is not None:
+            cache.length += T
+        return self.lm_head(self.transformer.ln_f(x))
+
+    @staticmethod
+    def _attention_mask(attention_mask, past: int, T: int, device) -> torch.Tensor | None:
+        """None means plain causal attention (the fast path); else a bool mask [batch, 1, T, past + T]."""
+        if attention_mask is None and past == 0:
+            return None
+        causal = torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past)
+        if attention_mask is None:
+            return causal
+        mask = causal & attention_mask.bool()[:, None, None, :]
+        # A padding query with no real key before it would softmax over nothing (NaN): let it see itself.
+        diagonal = torch.zeros_like(causal)
+        diagonal[:, past:] = torch.eye(T, dtype=torch.bool, device=device)
+        return mask | diagonal
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+# ---- the Hugging Face GPT2LMHeadModel layout -------------------------------------------------------------------
+
+_CONV1D = re.compile(r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
+_BUFFERS = re.compile(r"transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
+
+
+def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """Our weights with GPT2LMHeadModel's names and Conv1D's [in, out] orientation."""
+    out = {}
+    for name, tensor in model.state_dict().items():
+        out[name] = tensor.t().contiguous() if _CONV1D.match(name) else tensor
+    return out
+
+
+def normalize_hf_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Accept what real files contain: ``module.`` (DataParallel) or no ``transformer.`` prefix, the causal-mask
+    buffers old checkpoints carry, and a missing (tied) ``lm_head.weight``."""
+    out = {}
+    for key, tensor in state.items():
+        if key.startswith("module."):
+            key = key[len("module."):]
+        if not key.startswith(("transformer.", "lm_head.")):
+            key = "transformer." + key
+        if _BUFFERS.match(key):
+            continue
+        out[key] = tensor
+    if "lm_head.weight" not in out and "transformer.wte.weight" in out:
+        out["lm_head.weight"] = out["transformer.wte.weight"]
+    return out
+
+
+def infer_config(state: dict[str, torch.Tensor], **overrides) -> GPTConfig:
+    """Shapes of a GPT-2 state dict give every size but the head count, which is n_embd / 64 in every GPT-2."""
+    state = normalize_hf_keys(state)
+    vocab_size, n_embd = state["transformer.wte.weight"].shape
+    layers = {int(k.split(".")[2]) for k in state if k.startswith("transformer.h.")}
+    values = dict(vocab_size=vocab_size, n_embd=n_embd, n_positions=state["transformer.wpe.weight"].shape[0],
+                  n_layer=len(layers), n_head=max(1, n_embd // 64))
+    values.update(overrides)
+    return GPTConfig(**values)
+
+
+def load_hf_state_dict(model: GPT, state: dict[str, torch.Tensor]) -> None:
+    """Load weights in the GPT2LMHeadModel layout; every missing, unknown or misshapen tensor is named."""
+    state = normalize_hf_keys(state)
+    expected = hf_state_dict(model)
+    missing = sorted(set(expected) - set(state))
+    unknown = sorted(set(state) - set(expected))
+    if missing or unknown:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:5])}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+        if unknown:
+            parts.append(f"unknown {', '.join(unknown[:5])}" + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
+        raise KoGPT2Error(f"weights do not fit a GPT-2 of this config: {'; '.join(parts)}")
+    for key, want in expected.items():
+        if state[key].shape != want.shape:
+            raise KoGPT2Error(
+                f"weights do not fit the config: {key} has shape {tuple(state[key].shape)}, "
+                f"the config needs {tuple(want.shape)}")
+    ours = {k: (v.t() if _CONV1D.match(k) else v) for k, v in state.items()}
+    with torch.no_grad():
+        model.load_state_dict(ours, strict=True)

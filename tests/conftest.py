@@ -1,0 +1,77 @@
+"""Shared test helpers: the real tokenizer fixtures (skipped where absent) and tiny models."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO.parent / "shared" / "fixtures"
+V1_SPIECE = FIXTURES / "kogpt2-v1" / "kogpt2_news_wiki_ko_cased_818bfa919d.spiece"
+V2_TOKENIZER = FIXTURES / "kogpt2-v2" / "tokenizer.json"
+
+torch.set_num_threads(2)
+
+
+def _need(path: Path) -> Path:
+    if not path.is_file():
+        pytest.skip(f"real KoGPT2 tokenizer fixture {path} is absent (see shared/fixtures/README.md)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def v1_spiece() -> Path:
+    return _need(V1_SPIECE)
+
+
+@pytest.fixture(scope="session")
+def v2_tokenizer_json() -> Path:
+    return _need(V2_TOKENIZER)
+
+
+@pytest.fixture(scope="session")
+def expected_ids() -> dict:
+    return json.loads(_need(FIXTURES / "expected_ids.json").read_text(encoding="utf-8"))
+
+
+def tiny_hf_model(vocab_size: int, activation: str, n_embd: int = 128, seed: int = 0):
+    """A small GPT2LMHeadModel with a real vocabulary size: the published architecture in miniature."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab_size, n_positions=128, n_embd=n_embd, n_layer=2, n_head=n_embd // 64,
+                        activation_function=activation, bos_token_id=0, eos_token_id=1, pad_token_id=3)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture
+def v2_release(tmp_path, v2_tokenizer_json):
+    """A directory laid out like skt/kogpt2-base-v2 on the hub; weights as 'bin' or 'safetensors'."""
+    import shutil
+
+    def make(weights: str = "bin") -> tuple[Path, object]:
+        folder = tmp_path / f"kogpt2-base-v2-{weights}"
+        hf = tiny_hf_model(51200, "gelu_new")
+        hf.save_pretrained(folder, safe_serialization=True)
+        if weights == "bin":
+            (folder / "model.safetensors").unlink()
+            torch.save(hf.state_dict(), folder / "pytorch_model.bin")
+        shutil.copy(v2_tokenizer_json, folder / "tokenizer.json")
+        return folder, hf
+
+    return make
+
+
+@pytest.fixture
+def v1_release(tmp_path, v1_spiece):
+    """A directory like the 2020 cache ~/kogpt2/: torch.save(state_dict) of a v1-shaped GPT-2 and the real spiece."""
+    import shutil
+
+    folder = tmp_path / "kogpt2-v1"
+    folder.mkdir()
+    hf = tiny_hf_model(50000, "gelu")
+    torch.save(hf.state_dict(), folder / "pytorch_kogpt2_testfixture.params")
+    shutil.copy(v1_spiece, folder / v1_spiece.name)
+    return folder, hf
