@@ -1,7 +1,16 @@
-"""Fine-tune SKT's KoGPT2 on your own text and generate text in its style."""
-from .errors import KoGPT2Error
-from .model import GPT, GPTConfig
-from .pretrained import load_pretrained
-from .tokenizer import Tokenizer
+"""Fine-tune SKT's KoGPT2 on your own text and generate text in its style.
 
+Attributes load lazily, so the CLIs' ``--help`` answers without importing torch.
+"""
+from importlib import import_module
+
+from .errors import KoGPT2Error
+
+_LAZY = {"GPT": ".model", "GPTConfig": ".model", "load_pretrained": ".pretrained", "Tokenizer": ".tokenizer"}
 __all__ = ["GPT", "GPTConfig", "KoGPT2Error", "Tokenizer", "load_pretrained"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'kogpt2' has no attribute '{name}'")

@@ -45,6 +45,11 @@ def load_pretrained(source: str = DEFAULT_PRETRAINED, device: str | torch.device
     return model.to(device).eval(), tokenizer
 
 
+def load_pretrained_tokenizer(source: str) -> Tokenizer:
+    """Only the tokenizer of a release (a 2020 checkpoint brings its own weights)."""
+    return load_tokenizer(locate(source).tokenizer)
+
+
 def check_vocab(vocab_size: int, tokenizer: Tokenizer, name: str) -> None:
     if vocab_size != tokenizer.vocab_size:
         raise KoGPT2Error(

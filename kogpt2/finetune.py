@@ -1,0 +1,97 @@
+"""What ``main.py`` does: pick the start (checkpoint, pretrained release or scratch), load the CSV, train."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from .checkpoint import is_ours, load_checkpoint, model_from_checkpoint
+from .data import encode_rows, pack_rows, read_text_column, split_rows
+from .errors import KoGPT2Error
+from .pretrained import load_pretrained, load_pretrained_tokenizer
+from .scratch import is_scratch, scratch_model
+from .train import Trainer, TrainSettings
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise KoGPT2Error(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_precision(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return name
+
+
+def run(args: argparse.Namespace) -> int:
+    say = print
+    torch.manual_seed(args.seed)  # a fresh model's initial weights, dropout: all follow --seed
+    device = pick_device(args.device)
+    precision = pick_precision(args.precision, device)
+    data = read_text_column(args.data_file_path, args.column, args.encoding)
+    train_texts, val_texts = split_rows(data.texts, args.val_ratio, args.seed)
+    if args.val_file:
+        val_texts = read_text_column(args.val_file, args.column, args.encoding).texts
+
+    resume = None
+    load_path = Path(args.load_path) if args.load_path else None
+    if load_path is not None and load_path.is_dir():
+        raise KoGPT2Error(f"--load_path {load_path} is a folder; give a .tar checkpoint file")
+    if load_path is not None and load_path.exists():
+        payload = load_checkpoint(load_path)
+        if is_ours(payload):
+            model, tokenizer = model_from_checkpoint(payload, load_path)
+            resume = payload
+            say(f"resuming from {load_path}: step {payload['progress']['step']}, epoch {payload['progress']['epoch'] + 1}")
+        else:
+            model, tokenizer = model_from_checkpoint(payload, load_path, load_pretrained_tokenizer(args.pretrained))
+            say(f"starting from the weights of the 2020 checkpoint {load_path} (its optimizer state is not reused)")
+    else:
+        if load_path is not None:
+            say(f"{load_path} does not exist yet: starting from {args.pretrained}")
+        if is_scratch(args.pretrained):
+            model, tokenizer = scratch_model(args.pretrained, train_texts, args.vocab_size)
+            say(f"training from scratch: {model.num_parameters() / 1e6:.1f}M parameters, "
+                f"a tokenizer of {tokenizer.vocab_size} tokens learnt from {args.data_file_path}")
+        else:
+            model, tokenizer = load_pretrained(args.pretrained)
+            say(f"starting from the pretrained model {args.pretrained}")
+
+    max_len = args.max_len or min(256, model.config.n_positions)
+    if max_len > model.config.n_positions:
+        raise KoGPT2Error(f"--max_len {max_len} is longer than the model's {model.config.n_positions} positions")
+    train_data = pack_rows(encode_rows(train_texts, tokenizer), max_len, tokenizer.pad_id)
+    val_data = pack_rows(encode_rows(val_texts, tokenizer), max_len, tokenizer.pad_id) if val_texts else None
+    settings = TrainSettings(
+        save_path=args.save_path, epochs=args.epoch, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        lr=args.lr, warmup=args.warmup, eval_every=args.eval_every, save_every=args.save_every,
+        keep_last=args.keep_last, patience=args.patience, seed=args.seed, precision=precision,
+        samples_dir=args.samples)
+    record = {"data": {"path": str(args.data_file_path), "sha256": data.sha256, "column": args.column},
+              "pretrained": args.pretrained, "args": {k: v for k, v in vars(args).items() if v is not None}}
+    trainer = Trainer(model.to(device), tokenizer, train_data, val_data, settings, record, log=say)
+    if resume is not None:
+        trainer.restore(resume)
+
+    say(f"data: {data.rows_read} rows read ({data.encoding}), {data.rows_empty} empty skipped; "
+        f"{len(train_texts)} for training, {len(val_texts)} for validation; "
+        f"{train_data.tokens} training tokens in {len(train_data.blocks)} blocks of {max_len}"
+        + (f"; {train_data.rows_split} rows longer than {max_len} tokens split over blocks" if train_data.rows_split else ""))
+    say(f"training: {settings.epochs} epochs x {trainer.steps_per_epoch} steps (batch {settings.batch_size} x "
+        f"accumulation {settings.grad_accum}) on {device}, {precision}; checkpoints in {settings.save_path}")
+    if trainer.progress.epoch >= settings.epochs:
+        say(f"nothing to do: the checkpoint already finished {trainer.progress.epoch} epochs (raise --epoch to go on)")
+        return 0
+    last = trainer.fit()
+    if last is not None:
+        say(f"last checkpoint: {last}")
+    return 0

@@ -1,0 +1,103 @@
+"""Autoregressive generation with the KV cache (one token of work per step), and streaming text out of ids."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .errors import KoGPT2Error
+from .model import GPT, KVCache
+from .sampling import apply_repetition_penalty, block_repeated_ngrams, sample_next
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class SamplingSettings:
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram: int = 0
+    text_size: int = 100  # most new tokens
+    stop: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise KoGPT2Error(f"temperature must be 0 (greedy) or more, not {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise KoGPT2Error(f"top_p must be in (0, 1], not {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise KoGPT2Error(f"repetition_penalty must be positive, not {self.repetition_penalty}")
+        if self.text_size < 1:
+            raise KoGPT2Error(f"text_size must be at least 1, not {self.text_size}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def generate_ids(model: GPT, prompt_ids: list[int], settings: SamplingSettings, eos_id: int, num_samples: int = 1,
+                 generator: torch.Generator | None = None) -> Iterator[list[int | None]]:
+    """Yield, per step, the new token of each sample (None once a sample has ended at ``eos_id``).
+
+    Past the model's positions the context slides: the cache is rebuilt from the newest half of the text.
+    """
+    if not prompt_ids:
+        raise KoGPT2Error("a prompt needs at least one token")
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    window = model.config.n_positions
+    keep = window // 2
+    rows = [list(prompt_ids[-window:]) for _ in range(num_samples)]
+    cache = KVCache(model.config, num_samples, window, device, dtype)
+    logits = model(torch.tensor(rows, device=device), cache=cache)[:, -1]
+    done = [False] * num_samples
+    for _ in range(settings.text_size):
+        logits = apply_repetition_penalty(logits, torch.tensor(rows, device=device), settings.repetition_penalty)
+        logits = block_repeated_ngrams(logits, rows, settings.no_repeat_ngram)
+        tokens = sample_next(logits, settings.temperature, settings.top_k, settings.top_p, generator).tolist()
+        step = []
+        for i, token in enumerate(tokens):
+            if done[i]:
+                step.append(None)
+                continue
+            done[i] = token == eos_id
+            step.append(None if done[i] else token)
+        yield step
+        if all(done):
+            return
+        for row, token in zip(rows, tokens):
+            row.append(token)
+        if cache.length == window:
+            cache = KVCache(model.config, num_samples, window, device, dtype)
+            logits = model(torch.tensor([row[-keep:] for row in rows], device=device), cache=cache)[:, -1]
+        else:
+            logits = model(torch.tensor([[t] for t in tokens], device=device), cache=cache)[:, -1]
+
+
+class TextStream:
+    """Turns a growing list of generated ids into printable text pieces.
+
+    Decodes prompt + continuation together (so the first word keeps its space) and holds back an incomplete
+    character, so a half-decoded syllable is never printed.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int]) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_ids = list(prompt_ids)
+        self.base = tokenizer.decode(self.prompt_ids)
+        self.ids: list[int] = []
+        self.text = ""  # the continuation printed so far
+
+    def push(self, token: int) -> str:
+        """Add one id; return the text that became printable."""
+        self.ids.append(token)
+        full = self.tokenizer.decode(self.prompt_ids + self.ids)
+        continuation = full[len(self.base):] if full.startswith(self.base) else self.tokenizer.decode(self.ids)
+        continuation = continuation.rstrip("\ufffd")
+        if not continuation.startswith(self.text):
+            return ""
+        new = continuation[len(self.text):]
+        self.text = continuation
+        return new

@@ -1,0 +1,59 @@
+"""Small pure functions over next-token logits [batch, vocab]; generation chains them."""
+from __future__ import annotations
+
+import torch
+
+
+def apply_repetition_penalty(logits: torch.Tensor, previous: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty: make every token already in ``previous`` [batch, time] less likely (1.0 = off)."""
+    if penalty == 1.0 or previous.numel() == 0:
+        return logits
+    seen = logits.gather(1, previous)
+    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+    return logits.scatter(1, previous, seen)
+
+
+def block_repeated_ngrams(logits: torch.Tensor, previous: list[list[int]], n: int) -> torch.Tensor:
+    """Forbid any token that would complete an n-gram already present in that row (0 = off)."""
+    if n <= 0:
+        return logits
+    logits = logits.clone()
+    for row, ids in enumerate(previous):
+        if len(ids) < n:
+            continue
+        prefix = tuple(ids[len(ids) - n + 1:]) if n > 1 else ()
+        banned = [ids[i + n - 1] for i in range(len(ids) - n + 1) if tuple(ids[i:i + n - 1]) == prefix]
+        logits[row, banned] = float("-inf")
+    return logits
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return logits / temperature
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k most likely tokens of each row (0 = all)."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[:, -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus: keep the smallest set of most likely tokens whose probability reaches p (1.0 = all)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= p  # the token that crosses p stays
+    drop = drop_sorted.scatter(1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token id per row: greedy at temperature 0, else a draw from the filtered distribution."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = top_p_filter(top_k_filter(apply_temperature(logits.float(), temperature), top_k), top_p)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)

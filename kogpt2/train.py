@@ -1,0 +1,313 @@
+"""The fine-tuning loop: packed batches, AdamW with warmup and cosine decay, exact resume, safe stops."""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import (BEST_NAME, FORMAT_VERSION, checkpoint_name, link_checkpoint, regular_checkpoints,
+                         save_checkpoint, tokenizer_record)
+from .data import IGNORE_INDEX, PackedData, epoch_order, inputs_and_targets
+from .generate import SamplingSettings, TextStream, generate_ids
+from .model import GPT, hf_state_dict
+from .tokenizer import Tokenizer
+
+METRICS_NAME = "metrics.jsonl"
+
+
+@dataclass
+class TrainSettings:
+    save_path: str = "checkpoint"
+    epochs: int = 1
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 3e-5
+    warmup: int = -1  # optimizer steps; -1: 5% of the run
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    eval_every: int = 0  # optimizer steps; 0: at each epoch end
+    save_every: int = 500
+    keep_last: int = 3
+    patience: int = 0  # evaluations without a better validation loss before stopping; 0: never stop early
+    seed: int = 42
+    precision: str = "fp32"
+    sample_phrase: str = "우리"
+    sample_tokens: int = 40
+    samples_dir: str | None = None
+
+
+@dataclass
+class Progress:
+    """Where the run stands; saved in every checkpoint so a resume continues exactly."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of ``epoch`` already consumed
+    best_val_loss: float = math.inf
+    evals_without_improvement: int = 0
+    loss: float = math.nan
+
+
+@dataclass
+class StopRequest:
+    """Set by SIGINT/SIGTERM; the loop finishes its step, saves, and returns."""
+
+    signal: int | None = None
+    handlers: dict = field(default_factory=dict)
+
+    def __enter__(self) -> "StopRequest":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.handlers[sig] = signal.signal(sig, self._request)
+        return self
+
+    def _request(self, signum, frame) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.handlers.items():
+            signal.signal(sig, handler)
+
+
+def learning_rate(step: int, settings: TrainSettings, total_steps: int) -> float:
+    """Linear warmup, then cosine decay to a tenth of ``lr`` at the last step."""
+    warmup = settings.warmup if settings.warmup >= 0 else max(1, total_steps // 20)
+    if step < warmup:
+        return settings.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return settings.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def make_optimizer(model: GPT, settings: TrainSettings) -> torch.optim.AdamW:
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.999), fused=fused or None)
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def token_loss_sum(model: GPT, blocks: torch.Tensor, real: torch.Tensor, device, precision: str) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the real targets of some blocks, and how many there were."""
+    inputs, targets = inputs_and_targets(blocks, real)
+    inputs, targets = inputs.to(device), targets.to(device)
+    with autocast(device, precision):
+        logits = model(inputs)
+    loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, int((targets != IGNORE_INDEX).sum())
+
+
+@torch.no_grad()
+def evaluate(model: GPT, data: PackedData, batch_size: int, precision: str) -> float:
+    """Mean cross-entropy per real token (its exp is the perplexity)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(data.blocks), batch_size):
+        loss, n = token_loss_sum(model, data.blocks[start:start + batch_size],
+                                 data.real_tokens[start:start + batch_size], device, precision)
+        total, count = total + loss.item(), count + n
+    model.train(was_training)
+    return total / max(1, count)
+
+
+class Trainer:
+    def __init__(self, model: GPT, tokenizer: Tokenizer, train_data: PackedData, val_data: PackedData | None,
+                 settings: TrainSettings, record: dict, log=print) -> None:
+        """``record`` is stored as-is in every checkpoint (data source, arguments, pretrained source)."""
+        self.model, self.tokenizer, self.settings, self.record, self.log = model, tokenizer, settings, record, log
+        self.train_data, self.val_data = train_data, val_data
+        self.device = next(model.parameters()).device
+        self.optimizer = make_optimizer(model, settings)
+        self.progress = Progress()
+        self.save_path = Path(settings.save_path)
+        self.batches_per_epoch = math.ceil(len(train_data.blocks) / settings.batch_size)
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / settings.grad_accum)
+        self.total_steps = self.steps_per_epoch * settings.epochs
+        self.last_saved_step = -1
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "format_version": FORMAT_VERSION,
+            "epoch": self.progress.epoch,
+            "train_no": self.progress.step,
+            "loss": self.progress.loss,
+            "model_state_dict": hf_state_dict(self.model),
+            "optimizer_state_dict": self.optimizer.state_dict(),
+            "config": self.model.config.to_dict(),
+            "tokenizer": tokenizer_record(self.tokenizer),
+            "progress": asdict(self.progress),
+            "schedule": {"total_steps": self.total_steps, "lr": learning_rate(self.progress.step, self.settings, self.total_steps)},
+            "settings": asdict(self.settings),
+            "rng": rng,
+            "data_fingerprint": self.train_data.fingerprint,
+            **self.record,
+        }
+
+    def restore(self, payload: dict) -> None:
+        """Continue a run exactly: optimizer moments, counters, position in the epoch and random state."""
+        self.optimizer.load_state_dict(payload["optimizer_state_dict"])
+        self.progress = Progress(**payload["progress"])
+        torch.set_rng_state(payload["rng"]["torch"])
+        if "cuda" in payload["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(payload["rng"]["cuda"], self.device)
+        if payload.get("data_fingerprint") != self.train_data.fingerprint:
+            self.log("note: the training data differ from the checkpoint's; continuing from the start of its epoch")
+            self.progress.batch_in_epoch = 0
+        self.last_saved_step = self.progress.step
+        self._trim_metrics()
+
+    def save(self, best: bool = False) -> Path:
+        """Write ``KoGPT2_checkpoint_<step>.tar`` (once per step), keep the newest ``keep_last``, and link the best."""
+        path = self.save_path / checkpoint_name(self.progress.step)
+        if self.last_saved_step != self.progress.step:
+            save_checkpoint(path, self.state())
+            self.last_saved_step = self.progress.step
+            if self.settings.keep_last > 0:
+                for _, old in regular_checkpoints(self.save_path)[:-self.settings.keep_last]:
+                    old.unlink(missing_ok=True)
+        if best:
+            link_checkpoint(path, self.save_path / BEST_NAME)
+        return path
+
+    # ---- metrics -------------------------------------------------------------------------------------------------
+    @property
+    def metrics_path(self) -> Path:
+        return self.save_path / METRICS_NAME
+
+    def _metric(self, **values) -> None:
+        self.save_path.mkdir(parents=True, exist_ok=True)
+        with self.metrics_path.open("a", encoding="utf-8") as file:
+            file.write(json.dumps(values, ensure_ascii=False) + "\n")
+
+    def _trim_metrics(self) -> None:
+        """Forget lines logged after the checkpoint we resume from, so the log has each step once."""
+        if not self.metrics_path.exists():
+            return
+        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
+        keep = [line for line in lines if line.strip() and json.loads(line)["step"] <= self.progress.step]
+        self.metrics_path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+
+    # ---- evaluation and samples ------------------------------------------------------------------------------
+    def _evaluate(self) -> tuple[float | None, bool]:
+        if self.val_data is None:
+            return None, False
+        val_loss = evaluate(self.model, self.val_data, self.settings.batch_size, self.settings.precision)
+        improved = val_loss < self.progress.best_val_loss
+        if improved:
+            self.progress.best_val_loss = val_loss
+            self.progress.evals_without_improvement = 0
+        else:
+            self.progress.evals_without_improvement += 1
+        return val_loss, improved
+
+    def _sample(self) -> str:
+        """A short text from the fixed phrase, drawn with its own generator so the run's randomness is untouched."""
+        prompt = [self.tokenizer.bos_id] + self.tokenizer.encode(self.settings.sample_phrase)
+        stream = TextStream(self.tokenizer, prompt)
+        generator = torch.Generator(device=self.device).manual_seed(self.settings.seed)
+        settings = SamplingSettings(temperature=0.8, top_k=40, top_p=0.95, text_size=self.settings.sample_tokens)
+        was_training = self.model.training
+        self.model.eval()
+        text = self.settings.sample_phrase + "".join(
+            stream.push(t) for (t,) in generate_ids(self.model, prompt, settings, self.tokenizer.eos_id, 1, generator)
+            if t is not None)
+        self.model.train(was_training)
+        if self.settings.samples_dir:
+            folder = Path(self.settings.samples_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"sample_step{self.progress.step}.txt").write_text(text + "\n", encoding="utf-8")
+        return text
+
+    # ---- the loop ------------------------------------------------------------------------------------------------
+    def fit(self) -> Path | None:
+        """Train to the end of ``epochs`` (or an early stop or a signal); returns the last checkpoint written."""
+        from tqdm.auto import tqdm
+
+        settings, progress = self.settings, self.progress
+        self.model.train()
+        last_path = None
+        val_ppl = None
+        with StopRequest() as stop:
+            while progress.epoch < settings.epochs:
+                order = epoch_order(len(self.train_data.blocks), settings.seed, progress.epoch)
+                batches = [order[i:i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
+                bar = tqdm(total=self.steps_per_epoch, initial=math.ceil(progress.batch_in_epoch / settings.grad_accum),
+                           desc=f"epoch {progress.epoch + 1}/{settings.epochs}", unit="step", dynamic_ncols=True)
+                tokens_seen, started = 0, time.perf_counter()
+                end_of_epoch = False
+                while not end_of_epoch:
+                    group = batches[progress.batch_in_epoch:progress.batch_in_epoch + settings.grad_accum]
+                    loss, n_tokens = self._step(group)
+                    progress.batch_in_epoch += len(group)
+                    progress.step += 1
+                    progress.loss = loss
+                    tokens_seen += n_tokens
+                    tokens_per_s = tokens_seen / max(1e-9, time.perf_counter() - started)
+                    entry = {"step": progress.step, "epoch": progress.epoch + 1,
+                             "lr": learning_rate(progress.step - 1, settings, self.total_steps),
+                             "train_loss": loss, "tokens_per_s": round(tokens_per_s, 1)}
+                    end_of_epoch = progress.batch_in_epoch >= len(batches)
+                    if end_of_epoch:
+                        progress.epoch += 1
+                        progress.batch_in_epoch = 0
+                    evaluate_now = end_of_epoch if settings.eval_every <= 0 else progress.step % settings.eval_every == 0
+                    improved = False
+                    if evaluate_now:
+                        val_loss, improved = self._evaluate()
+                        if val_loss is not None:
+                            val_ppl = math.exp(min(val_loss, 50))
+                            entry.update(val_loss=val_loss, val_ppl=val_ppl)
+                        bar.write(f"[step {progress.step}] sample: {self._sample()}")
+                    self._metric(**entry)
+                    bar.set_postfix(loss=f"{loss:.3f}", val_ppl=f"{val_ppl:.2f}" if val_ppl else "-",
+                                    tok_s=f"{tokens_per_s:.0f}")
+                    bar.update(1)
+                    early_stop = settings.patience > 0 and progress.evals_without_improvement >= settings.patience
+                    if end_of_epoch or improved or early_stop or stop.signal or progress.step % settings.save_every == 0:
+                        last_path = self.save(best=improved)
+                    if early_stop:
+                        bar.close()
+                        self.log(f"early stop: validation loss has not improved for {settings.patience} evaluations")
+                        return last_path
+                    if stop.signal:
+                        bar.close()
+                        self.log(f"stopped by {signal.Signals(stop.signal).name} at step {progress.step}; "
+                                 f"resume with --load_path {last_path}")
+                        return last_path
+                bar.close()
+        return last_path
+
+    def _step(self, group: list[torch.Tensor]) -> tuple[float, int]:
+        """One optimizer step over ``grad_accum`` batches; the loss is the mean over all their real tokens."""
+        settings = self.settings
+        for param_group in self.optimizer.param_groups:
+            param_group["lr"] = learning_rate(self.progress.step, settings, self.total_steps)
+        total_tokens = int(sum(self.train_data.real_tokens[idx].sum() for idx in group))
+        loss_sum = 0.0
+        for idx in group:
+            loss, _ = token_loss_sum(self.model, self.train_data.blocks[idx], self.train_data.real_tokens[idx],
+                                     self.device, settings.precision)
+            (loss / total_tokens).backward()
+            loss_sum += loss.item()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), settings.clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum / max(1, total_tokens), total_tokens
