@@ -27,7 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vocab_size", type=int, default=None, help="tokenizer size for --pretrained scratch (default: from the amount of text)")
     p.add_argument("--column", default="sent", help="CSV column holding the text")
     p.add_argument("--encoding", default=None, help="CSV encoding (default: detect UTF-8, UTF-8 with BOM, CP949/EUC-KR)")
-    p.add_argument("--lr", type=float, default=3e-5, help="peak learning rate of AdamW")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate of AdamW (default: 3e-5 as the original; 1e-3 for --pretrained scratch)")
     p.add_argument("--warmup", type=int, default=-1, help="warmup steps (-1: 5%% of the run)")
     p.add_argument("--max_len", type=int, default=None, help="tokens per training block (default: 256 or the model's context)")
     p.add_argument("--grad_accum", type=int, default=1, help="batches per optimizer step")

@@ -13,6 +13,9 @@ from .pretrained import load_pretrained, load_pretrained_tokenizer
 from .scratch import is_scratch, scratch_model
 from .train import Trainer, TrainSettings
 
+FINETUNE_LR = 3e-5  # the original's
+SCRATCH_LR = 1e-3  # a fresh small model learns nothing at a fine-tuning rate
+
 
 def pick_device(name: str) -> torch.device:
     if name != "auto":
@@ -73,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     val_data = pack_rows(encode_rows(val_texts, tokenizer), max_len, tokenizer.pad_id) if val_texts else None
     settings = TrainSettings(
         save_path=args.save_path, epochs=args.epoch, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        lr=args.lr, warmup=args.warmup, eval_every=args.eval_every, save_every=args.save_every,
+        lr=args.lr if args.lr is not None else (SCRATCH_LR if is_scratch(args.pretrained) else FINETUNE_LR), warmup=args.warmup, eval_every=args.eval_every, save_every=args.save_every,
         keep_last=args.keep_last, patience=args.patience, seed=args.seed, precision=precision,
         samples_dir=args.samples)
     record = {"data": {"path": str(args.data_file_path), "sha256": data.sha256, "column": args.column},

@@ -75,3 +75,38 @@ def v1_release(tmp_path, v1_spiece):
     torch.save(hf.state_dict(), folder / "pytorch_kogpt2_testfixture.params")
     shutil.copy(v1_spiece, folder / v1_spiece.name)
     return folder, hf
+
+
+SAMPLE_CSV = REPO / "data" / "sample.csv"
+
+
+def run_main(*argv: str) -> int:
+    """main.py in this process (no second torch import): returns its exit code."""
+    import main
+
+    return main.main([str(a) for a in argv])
+
+
+def run_generator(*argv: str, stdin: str = "") -> int:
+    import io
+    import sys
+
+    import generator
+
+    saved = sys.stdin
+    sys.stdin = io.StringIO(stdin)
+    try:
+        return generator.main([str(a) for a in argv])
+    finally:
+        sys.stdin = saved
+
+
+TINY_TRAINING = ("--pretrained", "scratch:tiny", "--max_len", "64", "--batch_size", "8", "--seed", "1")
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> Path:
+    """A tiny model trained for a few epochs on data/sample.csv: the folder with its checkpoints and metrics."""
+    folder = tmp_path_factory.mktemp("trained")
+    assert run_main("--epoch", 8, "--data_file_path", SAMPLE_CSV, "--save_path", folder, *TINY_TRAINING) == 0
+    return folder
