@@ -83,11 +83,11 @@ class StopText:
 
 class Generator:
     def __init__(self, model: GPT, tokenizer: Tokenizer, settings: SamplingSettings, seed: int | None,
-                 num_samples: int = 1, out: TextIO = sys.stdout) -> None:
+                 num_samples: int = 1, out: TextIO | None = None) -> None:
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
         self.seed = seed
         self.num_samples = num_samples
-        self.out = out
+        self.out = out or sys.stdout
         self.device = next(model.parameters()).device
 
     def run(self, prompt: str, stream: bool = True) -> list[Sample]:

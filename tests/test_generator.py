@@ -1,0 +1,183 @@
+"""generator.py on a tiny trained model: reproducible, exact to full-forward greedy decoding, scriptable."""
+import csv
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, run_generator
+from kogpt2.checkpoint import load_checkpoint, model_from_checkpoint
+from kogpt2.generate import SamplingSettings, TextStream, generate_ids
+from kogpt2.session import Generator
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(trained):
+    path = trained / "KoGPT2_best.tar"
+    model, tokenizer = model_from_checkpoint(load_checkpoint(path), path)
+    return model.eval(), tokenizer
+
+
+def generate(model, tokenizer, prompt, seed=None, **settings):
+    out = []
+    generator = Generator(model, tokenizer, SamplingSettings(**settings), seed, out=type("Sink", (), {
+        "write": lambda self, t: out.append(t), "flush": lambda self: None})())
+    return generator.run(prompt)[0].text, "".join(out)
+
+
+def argmax_by_full_forwards(model, ids, steps, eos_id):
+    ids = list(ids)
+    new = []
+    with torch.no_grad():
+        for _ in range(steps):
+            token = model(torch.tensor([ids]))[0, -1].argmax().item()
+            if token == eos_id:
+                break
+            ids.append(token)
+            new.append(token)
+    return new
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0.0), dict(temperature=1.0, top_k=1)], ids=["t0", "topk1"])
+def test_greedy_equals_argmax_of_full_forwards(model_and_tokenizer, settings):
+    model, tokenizer = model_and_tokenizer
+    prompt = [tokenizer.bos_id] + tokenizer.encode("오늘 아침에")
+    want = argmax_by_full_forwards(model, prompt, 30, tokenizer.eos_id)
+    got = [t for (t,) in generate_ids(model, prompt, SamplingSettings(text_size=30, **settings), tokenizer.eos_id)
+           if t is not None]
+    assert got == want
+
+
+def test_sliding_window_keeps_generating_past_the_context(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    settings = SamplingSettings(temperature=1.0, text_size=model.config.n_positions + 50)
+    steps = list(generate_ids(model, [tokenizer.bos_id], settings, eos_id=-1, generator=torch.Generator().manual_seed(0)))
+    assert len(steps) == model.config.n_positions + 50
+
+
+def test_same_seed_same_text_and_other_seeds_differ(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    a = generate(model, tokenizer, "우리", seed=5, text_size=40)[0]
+    assert generate(model, tokenizer, "우리", seed=5, text_size=40)[0] == a
+    others = {generate(model, tokenizer, "우리", seed=s, text_size=40)[0] for s in range(6, 11)}
+    assert others - {a}
+
+
+def test_streamed_text_equals_the_result_and_starts_with_the_prompt(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    text, printed = generate(model, tokenizer, "내가 항상", seed=2, text_size=40)
+    assert printed == text + "\n" and text.startswith("내가 항상")
+    assert "</s>" not in printed and "<s>" not in printed
+
+
+def test_stops_at_eos_text_size_and_stop_strings(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    prompt = [tokenizer.bos_id] + tokenizer.encode("오늘")
+    steps = list(generate_ids(model, prompt, SamplingSettings(temperature=0, text_size=200), tokenizer.eos_id))
+    assert steps[-1] == [None] and len(steps) < 200  # ended at </s>, which is never yielded as a token
+    assert len(list(generate_ids(model, prompt, SamplingSettings(temperature=1, text_size=3), -1))) == 3
+    full, _ = generate(model, tokenizer, "오늘", temperature=1.0, seed=0, text_size=60)
+    continuation = full[len("오늘"):]
+    stop = continuation[len(continuation) // 2:][:2]
+    assert len(stop) == 2
+    stopped, printed = generate(model, tokenizer, "오늘", temperature=1.0, seed=0, text_size=60, stop=[stop])
+    assert stopped == "오늘" + continuation[:continuation.index(stop)] and printed == stopped + "\n"
+
+
+def test_text_stream_never_prints_half_a_character(model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+
+    class Bytewise:  # a tokenizer whose pieces split UTF-8 characters
+        bos_id = 0
+
+        def decode(self, ids):
+            return bytes(ids[1:]).decode("utf-8", errors="replace")
+
+    stream = TextStream(Bytewise(), [0])
+    pieces = [stream.push(b) for b in "한글".encode("utf-8")]
+    assert pieces == ["", "", "한", "", "", "글"]
+
+
+def test_piped_prompts_and_loops(trained, model_and_tokenizer, capsys):
+    model, tokenizer = model_and_tokenizer
+    cli_defaults = dict(top_k=40, top_p=0.9)
+    expected = {p: generate(model, tokenizer, p, seed=1, text_size=8, **cli_defaults)[1] for p in ("가", "나", "다", "첫", "둘")}
+    ckpt = trained / "KoGPT2_best.tar"
+    assert run_generator("--load_path", ckpt, "--seed", 1, "--text_size", 8, stdin="가\n나\n\n다\n") == 0
+    assert capsys.readouterr().out == expected["가"] + expected["나"] + expected["다"]  # no "input :" prompt
+    assert run_generator("--load_path", ckpt, "--seed", 1, "--text_size", 8, "--tmp_sent", "첫", "--loops", 2,
+                         stdin="둘\n셋\n") == 0
+    assert capsys.readouterr().out == expected["첫"] + expected["둘"]
+
+
+def test_slash_command_changes_the_next_result(trained, model_and_tokenizer, capsys):
+    model, tokenizer = model_and_tokenizer
+    greedy, _ = generate(model, tokenizer, "오늘", temperature=0, text_size=20, top_k=40, top_p=0.9)
+    assert run_generator("--load_path", trained / "KoGPT2_best.tar", "--text_size", 20,
+                         stdin="/temperature 0\n오늘\n") == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["temperature = 0", greedy]
+
+
+def test_samples_folder_gets_one_file_per_result(trained, tmp_path, capsys):
+    folder = tmp_path / "new" / "samples"
+    assert run_generator("--load_path", trained / "KoGPT2_best.tar", "--samples", folder, "--seed", 4,
+                         "--text_size", 10, "--num_samples", 2, stdin="하나\n둘\n") == 0
+    files = sorted(folder.iterdir())
+    assert len(files) == 4
+    header, body = files[0].read_text(encoding="utf-8").split("\n", 1)
+    settings = json.loads(header)
+    assert settings["seed"] == 4 and settings["prompt"] in ("하나", "둘") and "temperature" in settings
+    assert body.startswith(settings["prompt"])
+
+
+def test_batch_csv_is_excel_readable_and_rows_regenerate(trained, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("오늘\n우리는\n", encoding="utf-8")
+    output = tmp_path / "out.csv"
+    assert run_generator("--load_path", trained / "KoGPT2_best.tar", "--prompts", prompts, "--output", output,
+                         "--num_samples", 2, "--seed", 9, "--text_size", 15) == 0
+    raw = output.read_bytes()
+    assert raw.startswith(b"\xef\xbb\xbf")
+    rows = list(csv.DictReader(io.StringIO(raw.decode("utf-8-sig"), newline="")))
+    assert len(rows) == 4 and rows[2]["prompt"] == "우리는"
+    row = rows[3]
+    again = tmp_path / "again.jsonl"
+    (tmp_path / "one.txt").write_text(row["prompt"] + "\n", encoding="utf-8")
+    assert run_generator("--load_path", row["checkpoint"], "--prompts", tmp_path / "one.txt", "--output", again,
+                         "--num_samples", row["num_samples"], "--seed", row["seed"], "--text_size", row["text_size"],
+                         "--temperature", row["temperature"], "--top_k", row["top_k"], "--top_p", row["top_p"]) == 0
+    redone = [json.loads(line) for line in again.read_text(encoding="utf-8").splitlines()]
+    assert redone[int(row["sample_index"])]["text"] == row["text"]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d / "missing.tar", "no such checkpoint file"),
+    (lambda d: d / "cut.tar" if (d / "cut.tar").write_bytes(b"PK\x03\x04 truncated") else None,
+     "is not a usable checkpoint"),
+])
+def test_bad_load_path_is_one_line_and_exit_2(tmp_path, capsys, make, message):
+    path = make(tmp_path)
+    assert run_generator("--load_path", path, "--tmp_sent", "x") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and str(path) in err
+
+
+def test_checkpoint_whose_vocab_does_not_fit_its_tokenizer(trained, tmp_path, capsys):
+    payload = load_checkpoint(trained / "KoGPT2_best.tar")
+    payload["config"]["vocab_size"] += 7
+    torch.save(payload, tmp_path / "odd.tar")
+    assert run_generator("--load_path", tmp_path / "odd.tar", "--tmp_sent", "x") == 2
+    assert "vocabulary has" in capsys.readouterr().err
+
+
+def test_real_process_with_piped_stdin(trained):
+    result = subprocess.run([sys.executable, "generator.py", "--load_path", str(trained / "KoGPT2_best.tar"),
+                             "--text_size", "5", "--seed", "1"], cwd=REPO, input="하나\n둘\n셋\n",
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    starts = [line.split("에", 1)[0][:1] for line in result.stdout.splitlines() if line[:1] in "하둘셋" and line]
+    assert starts == ["하", "둘", "셋"]

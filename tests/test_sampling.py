@@ -1,0 +1,56 @@
+"""Each logits filter on its own, on hand-made numbers."""
+import math
+
+import torch
+
+from kogpt2.sampling import (apply_repetition_penalty, apply_temperature, block_repeated_ngrams, sample_next,
+                             top_k_filter, top_p_filter)
+
+NEG = float("-inf")
+
+
+def test_temperature_scales_logits():
+    assert torch.equal(apply_temperature(torch.tensor([[2.0, -4.0]]), 2.0), torch.tensor([[1.0, -2.0]]))
+
+
+def test_top_k_keeps_the_k_largest():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0]])
+    assert top_k_filter(logits, 2).tolist() == [[NEG, 5.0, NEG, 4.0]]
+    assert torch.equal(top_k_filter(logits, 0), logits)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    kept = top_p_filter(probs.log(), 0.7)
+    assert torch.isfinite(kept).tolist() == [[True, True, False, False]]  # 0.5 < 0.7, 0.5 + 0.3 reaches it
+    assert torch.isfinite(top_p_filter(probs.log(), 0.5)).tolist() == [[True, False, False, False]]
+    assert torch.equal(top_p_filter(probs.log(), 1.0), probs.log())
+
+
+def test_top_p_works_per_row_on_unsorted_logits():
+    logits = torch.tensor([[0.0, 3.0, 0.0], [5.0, 0.0, 0.0]])
+    assert torch.isfinite(top_p_filter(logits, 0.8)).tolist() == [[False, True, False], [True, False, False]]
+
+
+def test_repetition_penalty_lowers_seen_tokens_both_signs():
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    out = apply_repetition_penalty(logits, torch.tensor([[0, 1, 0]]), 2.0)
+    assert out.tolist() == [[1.0, -4.0, 1.0]]
+
+
+def test_no_repeat_ngram_bans_completing_a_seen_ngram():
+    logits = torch.zeros(2, 6)
+    out = block_repeated_ngrams(logits, [[1, 2, 3, 1, 2], [4, 5]], 3)
+    assert out[0].tolist() == [0, 0, 0, NEG, 0, 0]  # "1 2" was followed by 3 before
+    assert out[1].tolist() == [0] * 6
+    assert block_repeated_ngrams(logits, [[1, 1]], 1)[0, 1] == NEG
+
+
+def test_greedy_and_sampling():
+    logits = torch.tensor([[0.0, 2.0, 1.0]])
+    assert sample_next(logits, 0.0, 0, 1.0).item() == 1
+    assert sample_next(logits, 1.0, 1, 1.0).item() == 1  # top_k 1 is greedy too
+    draws = [sample_next(logits, 1.0, 0, 1.0, torch.Generator().manual_seed(s)).item() for s in range(200)]
+    share = draws.count(1) / len(draws)
+    expected = math.exp(2) / (1 + math.exp(2) + math.exp(1))
+    assert abs(share - expected) < 0.1
