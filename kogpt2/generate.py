@@ -36,11 +36,17 @@ class SamplingSettings:
         return asdict(self)
 
 
+def never_generated(tokenizer: Tokenizer) -> list[int]:
+    """Tokens that only ever mean noise in output: unknown, padding, and a start token distinct from the end."""
+    return sorted({tokenizer.unk_id, tokenizer.pad_id} | ({tokenizer.bos_id} - {tokenizer.eos_id}))
+
+
 @torch.no_grad()
 def generate_ids(model: GPT, prompt_ids: list[int], settings: SamplingSettings, eos_id: int, num_samples: int = 1,
-                 generator: torch.Generator | None = None) -> Iterator[list[int | None]]:
+                 generator: torch.Generator | None = None, suppress: list[int] = ()) -> Iterator[list[int | None]]:
     """Yield, per step, the new token of each sample (None once a sample has ended at ``eos_id``).
 
+    ``suppress`` lists token ids never to produce (see ``never_generated``).
     Past the model's positions the context slides: the cache is rebuilt from the newest half of the text.
     """
     if not prompt_ids:
@@ -56,6 +62,8 @@ def generate_ids(model: GPT, prompt_ids: list[int], settings: SamplingSettings, 
     for _ in range(settings.text_size):
         logits = apply_repetition_penalty(logits, torch.tensor(rows, device=device), settings.repetition_penalty)
         logits = block_repeated_ngrams(logits, rows, settings.no_repeat_ngram)
+        if suppress:
+            logits[:, list(suppress)] = float("-inf")
         tokens = sample_next(logits, settings.temperature, settings.top_k, settings.top_p, generator).tolist()
         step = []
         for i, token in enumerate(tokens):

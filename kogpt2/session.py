@@ -16,7 +16,7 @@ import torch
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .errors import KoGPT2Error
 from .finetune import pick_device
-from .generate import SamplingSettings, TextStream, generate_ids
+from .generate import SamplingSettings, TextStream, generate_ids, never_generated
 from .model import GPT
 from .pretrained import load_pretrained, load_pretrained_tokenizer
 from .tokenizer import Tokenizer
@@ -100,7 +100,8 @@ class Generator:
         live = stream and self.num_samples == 1
         if live:
             self._write(prompt)
-        for step in generate_ids(self.model, prompt_ids, self.settings, self.tokenizer.eos_id, self.num_samples, generator):
+        for step in generate_ids(self.model, prompt_ids, self.settings, self.tokenizer.eos_id, self.num_samples, generator,
+                                 never_generated(self.tokenizer)):
             for token, text_stream, stop in zip(step, streams, stops):
                 if token is not None and not stop.stopped:
                     shown = stop.push(text_stream.push(token))

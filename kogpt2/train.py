@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .checkpoint import (BEST_NAME, FORMAT_VERSION, checkpoint_name, link_checkpoint, regular_checkpoints,
                          save_checkpoint, tokenizer_record)
 from .data import IGNORE_INDEX, PackedData, epoch_order, inputs_and_targets
-from .generate import SamplingSettings, TextStream, generate_ids
+from .generate import SamplingSettings, TextStream, generate_ids, never_generated
 from .model import GPT, hf_state_dict
 from .tokenizer import Tokenizer
 
@@ -227,7 +227,8 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         text = self.settings.sample_phrase + "".join(
-            stream.push(t) for (t,) in generate_ids(self.model, prompt, settings, self.tokenizer.eos_id, 1, generator)
+            stream.push(t) for (t,) in generate_ids(self.model, prompt, settings, self.tokenizer.eos_id, 1, generator,
+                                                    never_generated(self.tokenizer))
             if t is not None)
         self.model.train(was_training)
         if self.settings.samples_dir:

@@ -101,6 +101,7 @@ def run_generator(*argv: str, stdin: str = "") -> int:
         sys.stdin = saved
 
 
+TRAINED_EPOCHS = 30
 TINY_TRAINING = ("--pretrained", "scratch:tiny", "--max_len", "64", "--batch_size", "8", "--seed", "1")
 
 
@@ -108,5 +109,5 @@ TINY_TRAINING = ("--pretrained", "scratch:tiny", "--max_len", "64", "--batch_siz
 def trained(tmp_path_factory) -> Path:
     """A tiny model trained for a few epochs on data/sample.csv: the folder with its checkpoints and metrics."""
     folder = tmp_path_factory.mktemp("trained")
-    assert run_main("--epoch", 8, "--data_file_path", SAMPLE_CSV, "--save_path", folder, *TINY_TRAINING) == 0
+    assert run_main("--epoch", TRAINED_EPOCHS, "--data_file_path", SAMPLE_CSV, "--save_path", folder, *TINY_TRAINING) == 0
     return folder

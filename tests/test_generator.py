@@ -10,7 +10,7 @@ import torch
 
 from conftest import REPO, run_generator
 from kogpt2.checkpoint import load_checkpoint, model_from_checkpoint
-from kogpt2.generate import SamplingSettings, TextStream, generate_ids
+from kogpt2.generate import SamplingSettings, TextStream, generate_ids, never_generated
 from kogpt2.session import Generator
 
 
@@ -28,12 +28,14 @@ def generate(model, tokenizer, prompt, seed=None, **settings):
     return generator.run(prompt)[0].text, "".join(out)
 
 
-def argmax_by_full_forwards(model, ids, steps, eos_id):
+def argmax_by_full_forwards(model, ids, steps, eos_id, suppress):
     ids = list(ids)
     new = []
     with torch.no_grad():
         for _ in range(steps):
-            token = model(torch.tensor([ids]))[0, -1].argmax().item()
+            logits = model(torch.tensor([ids]))[0, -1]
+            logits[suppress] = float("-inf")
+            token = logits.argmax().item()
             if token == eos_id:
                 break
             ids.append(token)
@@ -45,9 +47,11 @@ def argmax_by_full_forwards(model, ids, steps, eos_id):
 def test_greedy_equals_argmax_of_full_forwards(model_and_tokenizer, settings):
     model, tokenizer = model_and_tokenizer
     prompt = [tokenizer.bos_id] + tokenizer.encode("오늘 아침에")
-    want = argmax_by_full_forwards(model, prompt, 30, tokenizer.eos_id)
-    got = [t for (t,) in generate_ids(model, prompt, SamplingSettings(text_size=30, **settings), tokenizer.eos_id)
-           if t is not None]
+    suppress = never_generated(tokenizer)
+    assert suppress == [tokenizer.bos_id, tokenizer.pad_id, tokenizer.unk_id]
+    want = argmax_by_full_forwards(model, prompt, 30, tokenizer.eos_id, suppress)
+    got = [t for (t,) in generate_ids(model, prompt, SamplingSettings(text_size=30, **settings), tokenizer.eos_id,
+                                      suppress=suppress) if t is not None]
     assert got == want
 
 
