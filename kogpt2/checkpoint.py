@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
 import re
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -67,16 +69,48 @@ def link_checkpoint(source: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
+def verify_archive(path: Path) -> None:
+    """``torch.load`` does not check the zip's CRC-32s, so a flipped bit would load as wrong weights: check them.
+    (The pre-1.6 torch format, which 2020 checkpoints may use, has no checksums; torch.load judges it alone.)"""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError) as error:
+        raise KoGPT2Error(f"{path} is not a usable checkpoint (truncated or corrupt: {error})") from None
+    if bad is not None:
+        raise KoGPT2Error(f"{path} is corrupt ({bad} fails its checksum); use an earlier checkpoint")
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Temporary files of saves that a crash cut short; they never replaced a checkpoint."""
+    for tmp in Path(folder).glob(".KoGPT2_*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def load_tensors_only(path: Path, what: str):
+    """``torch.load`` with ``weights_only``: a pickle that would call anything (run code) is refused unrun."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise KoGPT2Error(f"{path}: no such {what}") from None
+    except pickle.UnpicklingError as error:
+        called = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if called:
+            raise KoGPT2Error(f"{path} is refused: loading it would call {called.group(1)} (a pickle that can run code, "
+                              f"or a damaged file); only plain tensors and data are loaded") from None
+        raise KoGPT2Error(f"{path} is not a usable {what} (truncated or corrupt)") from None
+    except Exception as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        raise KoGPT2Error(f"{path} is not a usable {what} (truncated or corrupt: {reason})") from None
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Tensors, numbers, strings, lists and dicts only; anything else (a code-running pickle) is refused."""
     path = Path(path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise KoGPT2Error(f"{path}: no such checkpoint") from None
-    except Exception as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
-        raise KoGPT2Error(f"{path} is not a usable checkpoint (truncated, corrupt or unsafe: {reason})") from None
+    verify_archive(path)
+    payload = load_tensors_only(path, "checkpoint")
     if not isinstance(payload, dict) or "model_state_dict" not in payload:
         raise KoGPT2Error(f"{path} is not a KoGPT2 checkpoint (no model_state_dict)")
     return payload

@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from .checkpoint import load_tensors_only, verify_archive
 from .errors import KoGPT2Error
 from .model import GPT, GPTConfig, infer_config, load_hf_state_dict
 from .tokenizer import Tokenizer, load_tokenizer
@@ -111,15 +112,16 @@ def _check_release_checksum(path: Path) -> None:
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     """Tensors only: safetensors, or a torch pickle read with ``weights_only`` so no code in it can run."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise KoGPT2Error(f"cannot load weights from {path}: not a plain tensor file ({reason[:200]})") from None
+        try:
+            state = load_file(str(path))
+        except Exception as error:
+            raise KoGPT2Error(f"{path} is not a usable safetensors file ({error})") from None
+    else:
+        verify_archive(path)
+        state = load_tensors_only(path, "weights file")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise KoGPT2Error(f"{path} is not a state dict of tensors")
     return state
@@ -164,10 +166,15 @@ def _hub(repo_id: str) -> PretrainedFiles:
             raise LocalEntryNotFoundError(f"no {' or '.join(HF_WEIGHTS)}")
     except RepositoryNotFoundError:
         raise KoGPT2Error(f"{repo_id} is not a model repository on the Hugging Face hub") from None
-    except (LocalEntryNotFoundError, OSError) as error:
+    except LocalEntryNotFoundError as error:
         raise KoGPT2Error(
             f"cannot get {repo_id}: {'no network and ' if offline else ''}not in the local Hugging Face cache "
             f"({constants.HF_HUB_CACHE}) [{type(error).__name__}]. Connect to the internet once, or download config.json, "
             f"pytorch_model.bin and tokenizer.json from https://huggingface.co/{repo_id} into a folder and pass "
             "--pretrained FOLDER, or train with no download at all: --pretrained scratch") from None
+    except Exception as error:  # a broken download surfaces as many types (httpx, OSError, hub errors)
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        raise KoGPT2Error(
+            f"downloading {repo_id} failed ({type(error).__name__}: {reason}); nothing incomplete was kept as a "
+            "model: run the same command again to resume the download") from None
     return PretrainedFiles(repo_id, _read_hf_config(config), weights, tokenizer)

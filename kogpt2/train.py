@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import (BEST_NAME, FORMAT_VERSION, checkpoint_name, link_checkpoint, regular_checkpoints,
-                         save_checkpoint, tokenizer_record)
+                         remove_stale_temporaries, save_checkpoint, tokenizer_record)
 from .data import IGNORE_INDEX, PackedData, epoch_order, inputs_and_targets
 from .generate import SamplingSettings, TextStream, generate_ids, never_generated
 from .model import GPT, hf_state_dict
@@ -138,6 +138,10 @@ class Trainer:
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / settings.grad_accum)
         self.total_steps = self.steps_per_epoch * settings.epochs
         self.last_saved_step = -1
+        self.last_path: Path | None = None
+        self.val_ppl: float | None = None
+        if self.save_path.is_dir():
+            remove_stale_temporaries(self.save_path)
 
     # ---- checkpoints ---------------------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -244,57 +248,60 @@ class Trainer:
 
         settings, progress = self.settings, self.progress
         self.model.train()
-        last_path = None
-        val_ppl = None
+        self.last_path = None
         with StopRequest() as stop:
             while progress.epoch < settings.epochs:
-                order = epoch_order(len(self.train_data.blocks), settings.seed, progress.epoch)
-                batches = [order[i:i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
-                bar = tqdm(total=self.steps_per_epoch, initial=math.ceil(progress.batch_in_epoch / settings.grad_accum),
-                           desc=f"epoch {progress.epoch + 1}/{settings.epochs}", unit="step", dynamic_ncols=True)
-                tokens_seen, started = 0, time.perf_counter()
-                end_of_epoch = False
-                while not end_of_epoch:
-                    group = batches[progress.batch_in_epoch:progress.batch_in_epoch + settings.grad_accum]
-                    loss, n_tokens = self._step(group)
-                    progress.batch_in_epoch += len(group)
-                    progress.step += 1
-                    progress.loss = loss
-                    tokens_seen += n_tokens
-                    tokens_per_s = tokens_seen / max(1e-9, time.perf_counter() - started)
-                    entry = {"step": progress.step, "epoch": progress.epoch + 1,
-                             "lr": learning_rate(progress.step - 1, settings, self.total_steps),
-                             "train_loss": loss, "tokens_per_s": round(tokens_per_s, 1)}
-                    end_of_epoch = progress.batch_in_epoch >= len(batches)
-                    if end_of_epoch:
-                        progress.epoch += 1
-                        progress.batch_in_epoch = 0
-                    evaluate_now = end_of_epoch if settings.eval_every <= 0 else progress.step % settings.eval_every == 0
-                    improved = False
-                    if evaluate_now:
-                        val_loss, improved = self._evaluate()
-                        if val_loss is not None:
-                            val_ppl = math.exp(min(val_loss, 50))
-                            entry.update(val_loss=val_loss, val_ppl=val_ppl)
-                        bar.write(f"[step {progress.step}] sample: {self._sample()}")
-                    self._metric(**entry)
-                    bar.set_postfix(loss=f"{loss:.3f}", val_ppl=f"{val_ppl:.2f}" if val_ppl else "-",
-                                    tok_s=f"{tokens_per_s:.0f}")
-                    bar.update(1)
-                    early_stop = settings.patience > 0 and progress.evals_without_improvement >= settings.patience
-                    if end_of_epoch or improved or early_stop or stop.signal or progress.step % settings.save_every == 0:
-                        last_path = self.save(best=improved)
-                    if early_stop:
-                        bar.close()
-                        self.log(f"early stop: validation loss has not improved for {settings.patience} evaluations")
-                        return last_path
-                    if stop.signal:
-                        bar.close()
-                        self.log(f"stopped by {signal.Signals(stop.signal).name} at step {progress.step}; "
-                                 f"resume with --load_path {last_path}")
-                        return last_path
-                bar.close()
-        return last_path
+                done = math.ceil(progress.batch_in_epoch / settings.grad_accum)
+                with tqdm(total=self.steps_per_epoch, initial=done, desc=f"epoch {progress.epoch + 1}/{settings.epochs}",
+                          unit="step", dynamic_ncols=True) as bar:
+                    reason = self._epoch(bar, stop)
+                if reason:
+                    self.log(reason)
+                    break
+        return self.last_path
+
+    def _epoch(self, bar, stop: StopRequest) -> str | None:
+        """The rest of the current epoch; returns why training must stop early, if it must."""
+        settings, progress = self.settings, self.progress
+        order = epoch_order(len(self.train_data.blocks), settings.seed, progress.epoch)
+        batches = [order[i:i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
+        tokens_seen, started = 0, time.perf_counter()
+        while True:
+            group = batches[progress.batch_in_epoch:progress.batch_in_epoch + settings.grad_accum]
+            loss, n_tokens = self._step(group)
+            progress.batch_in_epoch += len(group)
+            progress.step += 1
+            progress.loss = loss
+            tokens_seen += n_tokens
+            tokens_per_s = tokens_seen / max(1e-9, time.perf_counter() - started)
+            entry = {"step": progress.step, "epoch": progress.epoch + 1,
+                     "lr": learning_rate(progress.step - 1, settings, self.total_steps),
+                     "train_loss": loss, "tokens_per_s": round(tokens_per_s, 1)}
+            end_of_epoch = progress.batch_in_epoch >= len(batches)
+            if end_of_epoch:
+                progress.epoch += 1
+                progress.batch_in_epoch = 0
+            improved = False
+            if end_of_epoch if settings.eval_every <= 0 else progress.step % settings.eval_every == 0:
+                val_loss, improved = self._evaluate()
+                if val_loss is not None:
+                    self.val_ppl = math.exp(min(val_loss, 50))
+                    entry.update(val_loss=val_loss, val_ppl=self.val_ppl)
+                bar.write(f"[step {progress.step}] sample: {self._sample()}")
+            self._metric(**entry)
+            bar.set_postfix(loss=f"{loss:.3f}", val_ppl=f"{self.val_ppl:.2f}" if self.val_ppl else "-",
+                            tok_s=f"{tokens_per_s:.0f}")
+            bar.update(1)
+            early_stop = settings.patience > 0 and progress.evals_without_improvement >= settings.patience
+            if end_of_epoch or improved or early_stop or stop.signal or progress.step % settings.save_every == 0:
+                self.last_path = self.save(best=improved)
+            if early_stop:
+                return f"early stop: validation loss has not improved for {settings.patience} evaluations"
+            if stop.signal:
+                return (f"stopped by {signal.Signals(stop.signal).name} at step {progress.step}; "
+                        f"resume with --load_path {self.last_path}")
+            if end_of_epoch:
+                return None
 
     def _step(self, group: list[torch.Tensor]) -> tuple[float, int]:
         """One optimizer step over ``grad_accum`` batches; the loss is the mean over all their real tokens."""

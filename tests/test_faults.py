@@ -1,0 +1,308 @@
+"""Never lose work, never run hostile code, never crash on bad input."""
+import csv
+import errno
+import io
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import REPO, SAMPLE_CSV, TINY_TRAINING, V2_TOKENIZER, run_generator, run_main, tiny_hf_model
+from kogpt2.checkpoint import load_checkpoint
+from kogpt2.data import read_text_column
+from kogpt2.errors import KoGPT2Error
+
+# ---- 1. crash anywhere --------------------------------------------------------------------------------------------
+
+SLOW_EVERYTHING = f"""
+import io, sys, time
+sys.path.insert(0, {str(REPO)!r})
+import torch
+import kogpt2.train as train
+save = torch.save
+def slow_save(obj, file, *args, **kwargs):
+    buffer = io.BytesIO()
+    save(obj, buffer, *args, **kwargs)
+    data = buffer.getvalue()
+    for start in range(0, len(data), len(data) // 4 + 1):  # a write long enough to be killed in the middle of
+        file.write(data[start:start + len(data) // 4 + 1])
+        file.flush()
+        time.sleep(0.03)
+torch.save = slow_save
+step = train.Trainer._step
+def slow_step(self, group):
+    time.sleep(0.02)
+    return step(self, group)
+train.Trainer._step = slow_step
+import main
+sys.exit(main.main(sys.argv[1:]))
+"""
+
+
+def newest_checkpoint(folder):
+    found = sorted(folder.glob("KoGPT2_checkpoint_*.tar"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    return found[-1] if found else None
+
+
+@pytest.mark.slow
+def test_sigkill_at_20_random_moments_then_resume_equals_one_run(tmp_path):
+    args = ["--epoch", 3, "--data_file_path", SAMPLE_CSV, *TINY_TRAINING, "--save_every", 2, "--keep_last", 2]
+    assert run_main(*args, "--save_path", tmp_path / "straight") == 0
+    folder = tmp_path / "crashing"
+    folder.mkdir()
+    rng = random.Random(1234)
+    for kill in range(20):
+        newest = newest_checkpoint(folder)
+        resume = ["--load_path", newest] if newest else []
+        metrics = folder / "metrics.jsonl"
+        before = metrics.stat().st_size if metrics.exists() else 0
+        process = subprocess.Popen([sys.executable, "-c", SLOW_EVERYTHING, *map(str, args), "--save_path", str(folder),
+                                    *map(str, resume)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while process.poll() is None and time.monotonic() < deadline:  # wait until it really trains
+            if metrics.exists() and metrics.stat().st_size > before:
+                break
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.4))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        for checkpoint in folder.glob("*.tar"):  # nothing torn was ever put in place of a good file
+            load_checkpoint(checkpoint)
+    newest = newest_checkpoint(folder)
+    assert run_main(*args, "--save_path", folder, *(["--load_path", newest] if newest else [])) == 0
+    want = load_checkpoint(newest_checkpoint(tmp_path / "straight"))
+    got = load_checkpoint(newest_checkpoint(folder))
+    for key in ("model_state_dict",):
+        for name, tensor in want[key].items():
+            assert torch.equal(tensor, got[key][name]), name
+    for a, b in zip(want["optimizer_state_dict"]["state"].values(), got["optimizer_state_dict"]["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(folder.glob(".*.tmp"))
+
+
+# ---- 2. torn and corrupt checkpoints ---------------------------------------------------------------------------
+
+def test_truncated_checkpoint_is_refused_and_never_restarts(trained, tmp_path, capsys):
+    data = (trained / "KoGPT2_best.tar").read_bytes()
+    out = tmp_path / "out"
+    for cut in range(10):
+        broken = tmp_path / f"cut{cut}.tar"
+        broken.write_bytes(data[:int(len(data) * cut / 10) + 7])
+        assert run_main("--load_path", broken, "--save_path", out, *TINY_TRAINING) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(broken) in err and "not a usable checkpoint" in err
+    assert not out.exists()  # no training started from anything else
+
+
+def test_flipped_bytes_are_refused_or_harmless(trained, tmp_path):
+    original = load_checkpoint(trained / "KoGPT2_best.tar")
+    data = (trained / "KoGPT2_best.tar").read_bytes()
+    rng = random.Random(7)
+    refused = 0
+    for trial in range(10):
+        damaged = bytearray(data)
+        for _ in range(3):
+            damaged[rng.randrange(len(damaged))] ^= 1 << rng.randrange(8)
+        path = tmp_path / f"flip{trial}.tar"
+        path.write_bytes(bytes(damaged))
+        try:
+            loaded = load_checkpoint(path)
+        except KoGPT2Error as error:
+            assert str(path) in str(error) and "\n" not in str(error)
+            refused += 1
+            continue
+        for name, tensor in original["model_state_dict"].items():  # a flip in zip padding changes nothing
+            assert torch.equal(tensor, loaded["model_state_dict"][name])
+    assert refused >= 8
+
+
+# ---- 3. disk full -----------------------------------------------------------------------------------------------
+
+def test_disk_full_stops_clearly_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    real_save = torch.save
+    calls = []
+
+    def filling_disk(obj, file, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            file.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", filling_disk)
+    assert run_main("--epoch", 2, "--save_path", tmp_path, *TINY_TRAINING, "--save_every", 3) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    assert err == f"error: could not write checkpoint {tmp_path / 'KoGPT2_checkpoint_6.tar'}: the disk is full; " \
+                  "the previous checkpoints are intact"
+    monkeypatch.setattr(torch, "save", real_save)
+    assert load_checkpoint(tmp_path / "KoGPT2_checkpoint_3.tar")["progress"]["step"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["KoGPT2_checkpoint_3.tar", "metrics.jsonl"]
+
+
+# ---- 4. hostile files -----------------------------------------------------------------------------------------
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("cli", ["main", "generator"])
+def test_code_running_checkpoint_is_refused_unrun(tmp_path, capsys, cli):
+    marker = tmp_path / "payload-ran"
+    evil = tmp_path / "KoGPT2_checkpoint_1.tar"
+    torch.save({"epoch": 0, "model_state_dict": RunsCode(marker), "format_version": 1}, evil)
+    if cli == "main":
+        code = run_main("--load_path", evil, "--save_path", tmp_path / "out", *TINY_TRAINING)
+    else:
+        code = run_generator("--load_path", evil, "--tmp_sent", "x")
+    assert code == 2 and not marker.exists()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "refused: loading it would call posix.system" in err
+
+
+# ---- 5. mismatches ------------------------------------------------------------------------------------------------
+
+def test_config_that_does_not_fit_the_weights_names_both_shapes(trained, tmp_path, capsys):
+    payload = load_checkpoint(trained / "KoGPT2_best.tar")
+    payload["config"]["n_embd"] = 128
+    torch.save(payload, tmp_path / "odd.tar")
+    assert run_generator("--load_path", tmp_path / "odd.tar", "--tmp_sent", "x") == 2
+    assert "transformer.wte.weight has shape (1000, 64), the config needs (1000, 128)" in capsys.readouterr().err
+
+
+# ---- 6. CSV fuzzing -----------------------------------------------------------------------------------------------
+
+HANGUL = st.characters(min_codepoint=0xAC00, max_codepoint=0xD7A3)
+CELL_CHARS = st.one_of(HANGUL, st.sampled_from(list("abcXYZ0129 ,\"'\n\r\t.!?;:#-")))
+CELLS = st.one_of(st.text(CELL_CHARS, max_size=30), st.just(""), st.just("   "), st.just("NaN"), st.just("nan"),
+                  st.integers().map(str), st.floats(allow_nan=True).map(str),
+                  st.text(HANGUL, min_size=5000, max_size=12000))
+
+
+def encodable(text, encoding):
+    try:
+        text.encode(encoding)
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+@st.composite
+def csv_files(draw):
+    kind = draw(st.sampled_from(["rows", "rows", "rows", "zero_rows", "no_sent_column", "junk"]))
+    if kind == "junk":
+        return draw(st.binary(min_size=1, max_size=300)), None
+    encoding = draw(st.sampled_from(["utf-8", "utf-8-sig", "cp949"]))
+    quoting = draw(st.sampled_from([csv.QUOTE_MINIMAL, csv.QUOTE_ALL, csv.QUOTE_NONNUMERIC]))
+    header = ["score", "genre", "sent"] if kind != "no_sent_column" else ["score", "genre", "text"]
+    rows = [] if kind == "zero_rows" else draw(st.lists(st.tuples(st.integers(0, 5), CELLS, CELLS), max_size=12))
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer, quoting=quoting)
+    writer.writerow(header)
+    for score, genre, sent in rows:
+        writer.writerow([score, genre, sent])
+    text = buffer.getvalue()
+    if not encodable(text, encoding):
+        encoding = "utf-8"
+    expected = [sent for _, _, sent in rows if sent.strip()] if kind == "rows" else None
+    return text.encode(encoding), expected
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(csv_files())
+def test_fuzzed_csv_loads_exactly_or_fails_in_one_line(tmp_path_factory, generated):
+    content, expected = generated
+    path = tmp_path_factory.mktemp("fuzz") / "data.csv"
+    path.write_bytes(content)
+    try:
+        texts = read_text_column(path).texts
+    except KoGPT2Error as error:
+        message = str(error)
+        assert "\n" not in message and str(path) in message or message.startswith("unknown encoding")
+        assert expected is None or not expected  # only files without text may be refused
+        return
+    if expected is not None:
+        assert texts == expected
+
+
+def test_fuzz_failures_exit_2_through_the_cli_without_traceback(tmp_path):
+    junk = tmp_path / "junk.csv"
+    junk.write_bytes(bytes(range(256)) * 3)
+    result = subprocess.run([sys.executable, "main.py", "--data_file_path", str(junk), "--save_path", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+# ---- 7. interrupted downloads -----------------------------------------------------------------------------------
+
+@pytest.fixture
+def hub_files(tmp_path, v2_tokenizer_json):
+    folder = tmp_path / "hub-files"
+    folder.mkdir()
+    hf = tiny_hf_model(51200, "gelu_new")
+    hf.config.to_json_file(folder / "config.json")
+    torch.save(hf.state_dict(), folder / "pytorch_model.bin")
+    shutil.copy(v2_tokenizer_json, folder / "tokenizer.json")
+    return folder
+
+
+def load_from_hub(hub_url, hf_home, offline=False):
+    env = {**os.environ, "HF_ENDPOINT": hub_url, "HF_HOME": str(hf_home), "PYTHONPATH": str(REPO),
+           "HF_HUB_DISABLE_XET": "1"}
+    env.pop("HF_HUB_OFFLINE", None)
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    code = ("import sys\nfrom kogpt2 import KoGPT2Error, load_pretrained\ntry:\n    model, _ = load_pretrained("
+            "'skt/kogpt2-base-v2')\nexcept KoGPT2Error as e:\n    print(e, file=sys.stderr); sys.exit(2)\n"
+            "print(model.config.n_embd, model.num_parameters())")
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_cut_download_resumes(hub_files, tmp_path):
+    from fake_hub import FakeHub
+
+    hub = FakeHub("skt/kogpt2-base-v2", hub_files, cut_file="pytorch_model.bin", cuts=1)
+    try:
+        result = load_from_hub(hub.url, tmp_path / "hf")
+    finally:
+        hub.close()
+    assert result.returncode == 0, result.stderr
+    assert any("bytes=" in r for r in hub.requests)  # the second request asked only for the rest
+    assert result.stdout.split()[0] == "128"
+
+
+def test_download_that_keeps_failing_is_never_loaded_as_complete(hub_files, tmp_path):
+    from fake_hub import FakeHub
+
+    hub = FakeHub("skt/kogpt2-base-v2", hub_files, cut_file="pytorch_model.bin", cuts=100)
+    try:
+        result = load_from_hub(hub.url, tmp_path / "hf")
+    finally:
+        hub.close()
+    assert result.returncode == 2 and "downloading skt/kogpt2-base-v2 failed" in result.stderr
+    assert "run the same command again to resume" in result.stderr
+    offline = load_from_hub("http://127.0.0.1:9", tmp_path / "hf", offline=True)
+    assert offline.returncode == 2 and "not in the local Hugging Face cache" in offline.stderr
+
+
+# ---- 8. generator input ------------------------------------------------------------------------------------------
+
+def test_generator_survives_hostile_input(trained):
+    stdin = ("가나다 " * 600 + "\n").encode() + b"\xff\xfe\xfa broken utf-8\n" + "\x01\x07\x1b[31m 제어\n".encode()
+    result = subprocess.run([sys.executable, "generator.py", "--load_path", str(trained / "KoGPT2_best.tar"),
+                             "--tmp_sent", "", "--text_size", "5", "--seed", "1"], cwd=REPO, input=stdin,
+                            capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    assert b"Traceback" not in result.stderr
+    assert b"\xef\xbf\xbd broken utf-8" in result.stdout  # the prompt, with its bad bytes replaced, is echoed
