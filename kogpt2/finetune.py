@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import is_ours, load_checkpoint, model_from_checkpoint
-from .data import encode_rows, pack_rows, read_text_column, split_rows
+from .data import check_header, load_rows, pack, read_text_column, validation_mask
 from .errors import KoGPT2Error
 from .pretrained import load_pretrained, load_pretrained_tokenizer
 from .scratch import is_scratch, scratch_model
@@ -40,11 +40,8 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)  # a fresh model's initial weights, dropout: all follow --seed
     device = pick_device(args.device)
     precision = pick_precision(args.precision, device)
-    data = read_text_column(args.data_file_path, args.column, args.encoding)
-    train_texts, val_texts = split_rows(data.texts, args.val_ratio, args.seed)
-    if args.val_file:
-        val_texts = read_text_column(args.val_file, args.column, args.encoding).texts
-
+    for csv_path in filter(None, (args.data_file_path, args.val_file)):  # before any model is loaded or downloaded
+        check_header(csv_path, args.column, args.encoding)
     resume = None
     load_path = Path(args.load_path) if args.load_path else None
     if load_path is not None and load_path.is_dir():
@@ -62,7 +59,10 @@ def run(args: argparse.Namespace) -> int:
         if load_path is not None:
             say(f"{load_path} does not exist yet: starting from {args.pretrained}")
         if is_scratch(args.pretrained):
-            model, tokenizer = scratch_model(args.pretrained, train_texts, args.vocab_size)
+            column = read_text_column(args.data_file_path, args.column, args.encoding)
+            learn_from = [t for t, val in zip(column.texts, validation_mask(len(column.texts), args.val_ratio, args.seed))
+                          if not val or args.val_file]
+            model, tokenizer = scratch_model(args.pretrained, learn_from, args.vocab_size)
             say(f"training from scratch: {model.num_parameters() / 1e6:.1f}M parameters, "
                 f"a tokenizer of {tokenizer.vocab_size} tokens learnt from {args.data_file_path}")
         else:
@@ -72,11 +72,18 @@ def run(args: argparse.Namespace) -> int:
     max_len = args.max_len or min(256, model.config.n_positions)
     if max_len > model.config.n_positions:
         raise KoGPT2Error(f"--max_len {max_len} is longer than the model's {model.config.n_positions} positions")
-    train_data = pack_rows(encode_rows(train_texts, tokenizer), max_len, tokenizer.pad_id)
-    val_data = pack_rows(encode_rows(val_texts, tokenizer), max_len, tokenizer.pad_id) if val_texts else None
+    rows, data = load_rows(args.data_file_path, args.column, args.encoding, tokenizer)
+    if args.val_file:
+        val_rows, _ = load_rows(args.val_file, args.column, args.encoding, tokenizer)
+        train_data, val_data = pack(rows, max_len, tokenizer.pad_id), pack(val_rows, max_len, tokenizer.pad_id)
+    else:
+        val = validation_mask(len(rows), args.val_ratio, args.seed)
+        train_data = pack(rows, max_len, tokenizer.pad_id, ~val)
+        val_data = pack(rows, max_len, tokenizer.pad_id, val) if val.any() else None
     settings = TrainSettings(
         save_path=args.save_path, epochs=args.epoch, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        lr=args.lr if args.lr is not None else (SCRATCH_LR if is_scratch(args.pretrained) else FINETUNE_LR), warmup=args.warmup, eval_every=args.eval_every, save_every=args.save_every,
+        lr=args.lr if args.lr is not None else (SCRATCH_LR if is_scratch(args.pretrained) else FINETUNE_LR),
+        warmup=args.warmup, eval_every=args.eval_every, save_every=args.save_every,
         keep_last=args.keep_last, patience=args.patience, seed=args.seed, precision=precision,
         samples_dir=args.samples)
     record = {"data": {"path": str(args.data_file_path), "sha256": data.sha256, "column": args.column},
@@ -86,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         trainer.restore(resume)
 
     say(f"data: {data.rows_read} rows read ({data.encoding}), {data.rows_empty} empty skipped; "
-        f"{len(train_texts)} for training, {len(val_texts)} for validation; "
+        f"{train_data.rows} for training, {val_data.rows if val_data else 0} for validation; "
         f"{train_data.tokens} training tokens in {len(train_data.blocks)} blocks of {max_len}"
         + (f"; {train_data.rows_split} rows longer than {max_len} tokens split over blocks" if train_data.rows_split else ""))
     say(f"training: {settings.epochs} epochs x {trainer.steps_per_epoch} steps (batch {settings.batch_size} x "

@@ -7,11 +7,12 @@ import sys
 import time
 
 import pytest
+import numpy as np
 import torch
 
 from conftest import REPO, SAMPLE_CSV, TINY_TRAINING, TRAINED_EPOCHS, run_generator, run_main
 from kogpt2.checkpoint import load_checkpoint
-from kogpt2.data import encode_rows, pack_rows, read_text_column
+from kogpt2.data import pack, read_text_column, tokenize_rows
 
 SLOW_MAIN = f"""
 import sys, time
@@ -129,8 +130,9 @@ def test_every_character_survives(tmp_path, v2_tokenizer_json):
     column = read_text_column(csv)
     assert column.texts == texts
     tokenizer = load_tokenizer(v2_tokenizer_json)
-    rows = encode_rows(column.texts, tokenizer)
-    packed = pack_rows(rows, 8, tokenizer.pad_id)
+    tokenized = tokenize_rows(column.texts, tokenizer)
+    rows = [tokenized.row(i) for i in range(len(tokenized))]
+    packed = pack(tokenized, 8, tokenizer.pad_id)
     stream = packed.blocks[:, :-1].reshape(-1).tolist() + [packed.blocks[-1, -1].item()]
     assert stream[:packed.tokens] == [t for row in rows for t in row]
     for row, text in zip(rows, texts):
@@ -207,3 +209,27 @@ def test_finished_run_says_there_is_nothing_to_do(trained, tmp_path, capsys):
     assert run_main("--epoch", TRAINED_EPOCHS, "--load_path", best, "--save_path", tmp_path, *TINY_TRAINING) == 0
     assert "nothing to do" in capsys.readouterr().out
     assert math.isfinite(load_checkpoint(best)["progress"]["best_val_loss"])
+
+
+def test_tokenized_rows_are_cached_next_to_the_csv(tmp_path, v2_tokenizer_json, monkeypatch):
+    import kogpt2.data as data
+    from kogpt2.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(v2_tokenizer_json)
+    csv = tmp_path / "train.csv"
+    csv.write_text("sent\n첫 문장\n둘째 문장\n", encoding="utf-8")
+    first, info = data.load_rows(csv, "sent", None, tokenizer)
+    assert len(list(tmp_path.glob(".train.csv.*.kogpt2cache.npz"))) == 1
+
+    def no_parsing(*args, **kwargs):
+        raise AssertionError("the cache was not used")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(data, "_parse", no_parsing)
+        again, info_again = data.load_rows(csv, "sent", None, tokenizer)
+    assert np.array_equal(first.ids, again.ids) and np.array_equal(first.offsets, again.offsets)
+    assert (info_again.rows_read, info_again.sha256) == (2, info.sha256)
+
+    csv.write_text("sent\n바뀐 문장\n", encoding="utf-8")
+    changed, _ = data.load_rows(csv, "sent", None, tokenizer)
+    assert len(changed) == 1 and len(list(tmp_path.glob(".train.csv.*.kogpt2cache.npz"))) == 1
