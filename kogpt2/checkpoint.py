@@ -149,6 +149,17 @@ def model_from_checkpoint(payload: dict, path: str | Path, tokenizer: Tokenizer 
     return model, tokenizer
 
 
+def generation_payload(payload: dict, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """What generating needs and nothing else: weights in half precision, config, tokenizer (~250 MB at full size)."""
+    if not is_ours(payload):
+        raise KoGPT2Error("only checkpoints written by kogpt2-finetune carry their tokenizer; resave first")
+    keep = ("format_version", "config", "tokenizer", "progress", "data", "pretrained", "epoch", "train_no", "loss")
+    slim = {k: payload[k] for k in keep if k in payload}
+    slim["model_state_dict"] = {k: v.to(dtype) if v.is_floating_point() else v
+                                for k, v in payload["model_state_dict"].items() if k != "lm_head.weight"}
+    return slim
+
+
 def regular_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     """``KoGPT2_checkpoint_<step>.tar`` files in ``folder``, oldest step first."""
     found = [(int(m.group(1)), p) for p in folder.glob("KoGPT2_checkpoint_*.tar") if (m := NAME.match(p.name))]

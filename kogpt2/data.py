@@ -13,10 +13,10 @@ import numpy as np
 import torch
 
 from .errors import KoGPT2Error
+from .loss import IGNORE_INDEX
 from .tokenizer import Tokenizer
 
 ENCODINGS = ("utf-8-sig", "cp949")  # UTF-8 (with or without BOM), then Korean Excel exports (CP949 covers EUC-KR)
-IGNORE_INDEX = -100
 
 
 @dataclass

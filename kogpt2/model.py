@@ -175,7 +175,17 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [batch, time, vocab] for token ids [batch, time].
+        """Logits [batch, time, vocab] for token ids [batch, time] (see ``hidden_states`` for the arguments)."""
+        return self.lm_head(self.hidden_states(idx, attention_mask, cache, positions))
+
+    def hidden_states(
+        self,
+        idx: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The last layer's output [batch, time, n_embd], before the head.
 
         ``attention_mask`` [batch, cached + time] marks real tokens (1) and padding (0), for batched prompts of
         different lengths; ``positions`` then default to each row's count of real tokens so far. With a ``cache``
@@ -198,7 +208,7 @@ class GPT(nn.Module):
             x = block(x, layer, mask, cache)
         if cache is not None:
             cache.length += T
-        return self.lm_head(self.transformer.ln_f(x))
+        return self.transformer.ln_f(x)
 
     @staticmethod
     def _attention_mask(attention_mask, past: int, T: int, device) -> torch.Tensor | None:

@@ -10,12 +10,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .checkpoint import (BEST_NAME, FORMAT_VERSION, checkpoint_name, link_checkpoint, regular_checkpoints,
                          remove_stale_temporaries, save_checkpoint, tokenizer_record)
-from .data import IGNORE_INDEX, PackedData, epoch_order, inputs_and_targets
+from .data import PackedData, epoch_order, inputs_and_targets
 from .generate import SamplingSettings, TextStream, generate_ids, never_generated
+from .loss import IGNORE_INDEX, linear_cross_entropy
 from .model import GPT, hf_state_dict
 from .tokenizer import Tokenizer
 
@@ -88,7 +88,7 @@ def make_optimizer(model: GPT, settings: TrainSettings) -> torch.optim.AdamW:
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = next(model.parameters()).device.type == "cuda"
+    fused = next(model.parameters()).device.type in ("cpu", "cuda")  # one kernel: ~4x faster than foreach on CPU
     return torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.999), fused=fused or None)
 
 
@@ -103,9 +103,8 @@ def token_loss_sum(model: GPT, blocks: torch.Tensor, real: torch.Tensor, device,
     inputs, targets = inputs_and_targets(blocks, real)
     inputs, targets = inputs.to(device), targets.to(device)
     with autocast(device, precision):
-        logits = model(inputs)
-    loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+        hidden = model.hidden_states(inputs)
+        loss = linear_cross_entropy(hidden.view(-1, hidden.shape[-1]), model.lm_head.weight, targets.view(-1))
     return loss, int((targets != IGNORE_INDEX).sum())
 
 

@@ -1,0 +1,260 @@
+"""One benchmark contender per process (so each peak RSS is its own): prints one JSON line.
+
+    python bench/contenders.py train_ours_fp32
+The baselines ("2020 loop", "transformers") are written here from the issue's description; they are not product code.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+V2_TOKENIZER = REPO.parent / "shared" / "fixtures" / "kogpt2-v2" / "tokenizer.json"
+SAMPLE = REPO / "data" / "sample.csv"
+BATCH, BLOCK = 4, 128
+TRAIN_STEPS, WARMUP_STEPS = 5, 2
+NEW_TOKENS = 250
+PROMPT = "오늘 아침에는"
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def tokenizer():
+    from kogpt2.tokenizer import load_tokenizer
+
+    return load_tokenizer(V2_TOKENIZER)
+
+
+def sample_texts() -> list[str]:
+    with SAMPLE.open(encoding="utf-8") as f:
+        return [row["sent"] for row in csv.DictReader(f)]
+
+
+def packed_blocks(tok):
+    from kogpt2.data import pack, tokenize_rows
+
+    return pack(tokenize_rows(sample_texts(), tok), BLOCK, tok.pad_id)
+
+
+def hf_model(torch):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=51200, n_positions=1024, n_embd=768, n_layer=12, n_head=12, bos_token_id=0,
+                        eos_token_id=1, pad_token_id=3, activation_function="gelu_new", attn_implementation="sdpa")
+    return GPT2LMHeadModel(config)
+
+
+def our_model(torch):
+    from kogpt2.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    return GPT(GPTConfig())
+
+
+# ---- training -------------------------------------------------------------------------------------------------
+
+def train_2020() -> dict:
+    """One sentence per step, model(ids, labels=ids), Adam(lr=3e-5): what the original did."""
+    import torch
+
+    tok = tokenizer()
+    rows = [[tok.bos_id] + tok.encode(t) + [tok.eos_id] for t in sample_texts()]
+    model = hf_model(torch).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-5)
+    steps, tokens = 12, 0
+    for i in range(steps + WARMUP_STEPS):
+        if i == WARMUP_STEPS:
+            start = time.perf_counter()
+        ids = torch.tensor([rows[i]])
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        tokens += len(rows[i]) - 1 if i >= WARMUP_STEPS else 0
+    return {"tokens_per_s": tokens / (time.perf_counter() - start), "peak_rss_gib": peak_rss_gib()}
+
+
+def train_transformers(precision: str = "fp32") -> dict:
+    import torch
+
+    tok = tokenizer()
+    data = packed_blocks(tok)
+    model = hf_model(torch).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-5)
+    losses, tokens = [], 0
+    for i in range(TRAIN_STEPS + WARMUP_STEPS):
+        if i == WARMUP_STEPS:
+            start = time.perf_counter()
+        blocks = data.blocks[i * BATCH:(i + 1) * BATCH]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = model(input_ids=blocks[:, :-1], labels=blocks[:, :-1]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        tokens += blocks[:, 1:].numel() if i >= WARMUP_STEPS else 0
+    return {"tokens_per_s": tokens / (time.perf_counter() - start), "peak_rss_gib": peak_rss_gib(), "losses": losses}
+
+
+def train_ours(precision: str) -> dict:
+    """The product's own loop (Trainer) with its own allocator setting, on the same blocks."""
+    import torch
+
+    from kogpt2.checkpoint import generation_payload, load_checkpoint, save_checkpoint
+    from kogpt2.finetune import keep_freed_memory
+    from kogpt2.train import Trainer, TrainSettings
+
+    keep_freed_memory()
+    tok = tokenizer()
+    data = packed_blocks(tok)
+    with tempfile.TemporaryDirectory() as folder:
+        trainer = Trainer(our_model(torch), tok, data, None, TrainSettings(save_path=folder, batch_size=BATCH,
+                          precision=precision, lr=3e-5, warmup=0), record={})
+        trainer.model.train()
+        losses, tokens = [], 0
+        for i in range(TRAIN_STEPS + WARMUP_STEPS):
+            if i == WARMUP_STEPS:
+                start = time.perf_counter()
+            loss, n = trainer._step([torch.arange(i * BATCH, (i + 1) * BATCH)])
+            trainer.progress.step += 1
+            losses.append(loss)
+            tokens += n if i >= WARMUP_STEPS else 0
+        elapsed = time.perf_counter() - start
+        result = {"tokens_per_s": tokens / elapsed, "peak_rss_gib": peak_rss_gib(), "losses": losses}  # before saving
+        if precision == "fp32":
+            path = trainer.save()
+            result["checkpoint_gib"] = path.stat().st_size / 2**30
+            slim = Path(folder) / "generate.tar"
+            save_checkpoint(slim, generation_payload(load_checkpoint(path)))
+            result["generation_file_mb"] = slim.stat().st_size / 1e6
+            started = time.perf_counter()
+            from generator import main as generator_main
+
+            code = generator_main(["--load_path", str(slim), "--tmp_sent", PROMPT, "--text_size", "3", "--loops", "1"])
+            result["generation_file_loads"] = code == 0
+            result["generation_file_load_s"] = time.perf_counter() - started
+    return result
+
+
+# ---- generation -----------------------------------------------------------------------------------------------
+
+def gen_2020() -> dict:
+    """Re-tokenise the whole text and run the full sequence for every new token (no KV cache)."""
+    import torch
+
+    from kogpt2.sampling import sample_next
+
+    tok = tokenizer()
+    model = hf_model(torch).eval()
+    generator = torch.Generator().manual_seed(0)
+    text, produced = PROMPT, 0
+    start = time.perf_counter()
+    with torch.no_grad():
+        while produced < NEW_TOKENS:
+            ids = torch.tensor([[tok.bos_id] + tok.encode(text)])
+            logits = model(ids).logits[:, -1]
+            token = sample_next(logits, 1.0, 40, 0.9, generator).item()
+            text += tok.decode([token])
+            produced += 1
+    return {"tokens_per_s": produced / (time.perf_counter() - start), "peak_rss_gib": peak_rss_gib()}
+
+
+def gen_transformers() -> dict:
+    import torch
+
+    tok = tokenizer()
+    model = hf_model(torch).eval()
+    ids = torch.tensor([[tok.bos_id] + tok.encode(PROMPT)])
+    torch.manual_seed(0)
+    model.generate(ids, do_sample=True, top_k=40, top_p=0.9, max_new_tokens=5, min_new_tokens=5, pad_token_id=3)
+    start = time.perf_counter()
+    out = model.generate(ids, do_sample=True, top_k=40, top_p=0.9, temperature=1.0, use_cache=True,
+                         max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=3)
+    produced = out.shape[1] - ids.shape[1]
+    return {"tokens_per_s": produced / (time.perf_counter() - start), "peak_rss_gib": peak_rss_gib()}
+
+
+def gen_ours(dtype: str = "fp32", num_samples: int = 1) -> dict:
+    """The product's generation path: KV cache, sampling filters and streaming decode of every sample."""
+    import torch
+
+    from kogpt2.generate import SamplingSettings, TextStream, generate_ids, never_generated
+    from kogpt2.session import DTYPES
+
+    tok = tokenizer()
+    model = our_model(torch).to(DTYPES[dtype]).eval()
+    prompt = [tok.bos_id] + tok.encode(PROMPT)
+    settings = SamplingSettings(temperature=1.0, top_k=40, top_p=0.9, text_size=NEW_TOKENS)
+    for warm in (True, False):
+        streams = [TextStream(tok, prompt) for _ in range(num_samples)]
+        start = time.perf_counter()
+        produced = 0
+        steps = generate_ids(model, prompt, settings if not warm else SamplingSettings(text_size=5), -1, num_samples,
+                             torch.Generator().manual_seed(0), never_generated(tok))
+        for step in steps:
+            for token, stream in zip(step, streams):
+                stream.push(token)
+                produced += 1
+    return {"tokens_per_s": produced / (time.perf_counter() - start), "peak_rss_gib": peak_rss_gib()}
+
+
+# ---- data and start-up -------------------------------------------------------------------------------------------
+
+def big_csv(path: Path, rows: int = 1_000_000) -> None:
+    import random
+
+    words = sorted({w for t in sample_texts() for w in t.split()})
+    rng = random.Random(0)
+    with path.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["score", "genre", "sent"])
+        for i in range(rows):
+            writer.writerow([i % 5, "x", " ".join(rng.choices(words, k=rng.randint(3, 12)))])
+
+
+def data_load(csv_path: str) -> dict:
+    """Read, tokenise and pack a CSV (the cache next to it is used if present)."""
+    from kogpt2.data import load_rows, pack
+
+    start = time.perf_counter()
+    tok = tokenizer()
+    rows, _ = load_rows(csv_path, "sent", None, tok)
+    packed = pack(rows, BLOCK, tok.pad_id)
+    return {"seconds": time.perf_counter() - start, "peak_rss_gib": peak_rss_gib(), "rows": len(rows),
+            "blocks": len(packed.blocks)}
+
+
+CONTENDERS = {
+    "train_2020": train_2020,
+    "train_transformers": train_transformers,
+    "train_ours_fp32": lambda: train_ours("fp32"),
+    "train_ours_bf16": lambda: train_ours("bf16"),
+    "gen_2020": gen_2020,
+    "gen_transformers": gen_transformers,
+    "gen_ours_fp32": lambda: gen_ours("fp32"),
+    "gen_ours_bf16": lambda: gen_ours("bf16"),
+    "gen_ours_fp32_x8": lambda: gen_ours("fp32", 8),
+}
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("name", choices=[*CONTENDERS, "data_load", "big_csv"])
+    parser.add_argument("path", nargs="?")
+    args = parser.parse_args()
+    if args.name == "big_csv":
+        big_csv(Path(args.path))
+        result = {}
+    elif args.name == "data_load":
+        result = data_load(args.path)
+    else:
+        result = CONTENDERS[args.name]()
+    print("RESULT " + json.dumps(result))
