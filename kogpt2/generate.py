@@ -60,7 +60,8 @@ def generate_ids(model: GPT, prompt_ids: list[int], settings: SamplingSettings, 
     logits = model(torch.tensor(rows, device=device), cache=cache)[:, -1]
     done = [False] * num_samples
     for _ in range(settings.text_size):
-        logits = apply_repetition_penalty(logits, torch.tensor(rows, device=device), settings.repetition_penalty)
+        if settings.repetition_penalty != 1.0:
+            logits = apply_repetition_penalty(logits, torch.tensor(rows, device=device), settings.repetition_penalty)
         logits = block_repeated_ngrams(logits, rows, settings.no_repeat_ngram)
         if suppress:
             logits[:, list(suppress)] = float("-inf")

@@ -54,3 +54,12 @@ def test_greedy_and_sampling():
     share = draws.count(1) / len(draws)
     expected = math.exp(2) / (1 + math.exp(2) + math.exp(1))
     assert abs(share - expected) < 0.1
+
+
+def test_top_k_then_top_p_draws_from_the_same_set_as_full_filtering():
+    torch.manual_seed(3)
+    logits = torch.randn(4, 500) * 3
+    allowed = torch.isfinite(top_p_filter(top_k_filter(logits / 0.7, 20), 0.8))
+    for seed in range(50):
+        token = sample_next(logits, 0.7, 20, 0.8, torch.Generator().manual_seed(seed))
+        assert allowed[torch.arange(4), token].all()
