@@ -17,7 +17,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data_file_path", default="data/sample.csv", help="training CSV (columns score,genre,sent)")
     p.add_argument("--save_path", default="checkpoint/", help="folder for checkpoints and metrics.jsonl")
     p.add_argument("--load_path", default=None,
-                   help="checkpoint to continue from; if the file does not exist, start from --pretrained")
+                   help="checkpoint to continue from (a folder: its newest checkpoint); if there is none, start from "
+                        "--pretrained")
     p.add_argument("--batch_size", type=int, default=4, help="blocks per batch")
     p.add_argument("--samples", default=None, help="folder where the samples printed during training are saved")
     p.add_argument("--pretrained", default="skt/kogpt2-base-v2",
@@ -25,6 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"scratch[:SIZE] to learn a tokenizer and a fresh GPT-2 from the CSV alone; sizes: "
                         f"{', '.join(SIZES)} (default {DEFAULT_SIZE})")
     p.add_argument("--vocab_size", type=int, default=None, help="tokenizer size for --pretrained scratch (default: from the amount of text)")
+    p.add_argument("--dropout", type=float, default=None, help="dropout rate while fine-tuning (default: the model's)")
     p.add_argument("--column", default="sent", help="CSV column holding the text")
     p.add_argument("--encoding", default=None, help="CSV encoding (default: detect UTF-8, UTF-8 with BOM, CP949/EUC-KR)")
     p.add_argument("--lr", type=float, default=None,

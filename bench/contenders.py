@@ -124,7 +124,7 @@ def train_ours(precision: str) -> dict:
         for i in range(TRAIN_STEPS + WARMUP_STEPS):
             if i == WARMUP_STEPS:
                 start = time.perf_counter()
-            loss, n = trainer._step([torch.arange(i * BATCH, (i + 1) * BATCH)])
+            loss, n, _ = trainer._step([torch.arange(i * BATCH, (i + 1) * BATCH)], False)
             trainer.progress.step += 1
             losses.append(loss)
             tokens += n if i >= WARMUP_STEPS else 0

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import is_ours, load_checkpoint, model_from_checkpoint
+from .checkpoint import is_ours, load_checkpoint, model_from_checkpoint, regular_checkpoints
 from .data import check_header, load_rows, pack, read_text_column, validation_mask
+from .distributed import World, join, leave
 from .errors import KoGPT2Error
 from .pretrained import load_pretrained, load_pretrained_tokenizer
 from .scratch import is_scratch, scratch_model
@@ -49,17 +50,32 @@ def keep_freed_memory() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    say = print
+    world, device_name = join(args.device)
+    try:
+        return _run(args, world, device_name)
+    finally:
+        leave(world)
+
+
+def newest_checkpoint(folder: Path) -> Path | None:
+    found = regular_checkpoints(folder)
+    return found[-1][1] if found else None
+
+
+def _run(args: argparse.Namespace, world: World, device_name: str) -> int:
+    say = print if world.is_main else (lambda *a, **k: None)
     keep_freed_memory()
     torch.manual_seed(args.seed)  # a fresh model's initial weights, dropout: all follow --seed
-    device = pick_device(args.device)
+    device = pick_device(device_name)
     precision = pick_precision(args.precision, device)
     for csv_path in filter(None, (args.data_file_path, args.val_file)):  # before any model is loaded or downloaded
         check_header(csv_path, args.column, args.encoding)
     resume = None
     load_path = Path(args.load_path) if args.load_path else None
-    if load_path is not None and load_path.is_dir():
-        raise KoGPT2Error(f"--load_path {load_path} is a folder; give a .tar checkpoint file")
+    if load_path is not None and load_path.is_dir():  # the newest checkpoint in it: what an elastic restart wants
+        folder, load_path = load_path, newest_checkpoint(load_path)
+        if load_path is None:
+            say(f"no checkpoint in {folder} yet")
     if load_path is not None and load_path.exists():
         payload = load_checkpoint(load_path)
         if is_ours(payload):
@@ -83,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
             model, tokenizer = load_pretrained(args.pretrained)
             say(f"starting from the pretrained model {args.pretrained}")
 
+    if args.dropout is not None:
+        model.set_dropout(args.dropout)
     max_len = args.max_len or min(256, model.config.n_positions)
     if max_len > model.config.n_positions:
         raise KoGPT2Error(f"--max_len {max_len} is longer than the model's {model.config.n_positions} positions")
@@ -102,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         samples_dir=args.samples)
     record = {"data": {"path": str(args.data_file_path), "sha256": data.sha256, "column": args.column},
               "pretrained": args.pretrained, "args": {k: v for k, v in vars(args).items() if v is not None}}
-    trainer = Trainer(model.to(device), tokenizer, train_data, val_data, settings, record, log=say)
+    trainer = Trainer(model.to(device), tokenizer, train_data, val_data, settings, record, log=say, world=world)
     if resume is not None:
         trainer.restore(resume)
 
@@ -110,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
         f"{train_data.rows} for training, {val_data.rows if val_data else 0} for validation; "
         f"{train_data.tokens} training tokens in {len(train_data.blocks)} blocks of {max_len}"
         + (f"; {train_data.rows_split} rows longer than {max_len} tokens split over blocks" if train_data.rows_split else ""))
-    say(f"training: {settings.epochs} epochs x {trainer.steps_per_epoch} steps (batch {settings.batch_size} x "
+    processes = f" x {world.size} processes = {trainer.global_batch}" if world.active else ""
+    say(f"training: {settings.epochs} epochs x {trainer.steps_per_epoch} steps (batch {settings.batch_size}{processes} x "
         f"accumulation {settings.grad_accum}) on {device}, {precision}; checkpoints in {settings.save_path}")
     if trainer.progress.epoch >= settings.epochs:
         say(f"nothing to do: the checkpoint already finished {trainer.progress.epoch} epochs (raise --epoch to go on)")

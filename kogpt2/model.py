@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import KoGPT2Error
+from .loss import linear_cross_entropy
 
 ACTIVATIONS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 
@@ -174,9 +175,15 @@ class GPT(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [batch, time, vocab] for token ids [batch, time] (see ``hidden_states`` for the arguments)."""
-        return self.lm_head(self.hidden_states(idx, attention_mask, cache, positions))
+        """Logits [batch, time, vocab] for token ids [batch, time] (see ``hidden_states`` for the arguments); with
+        ``targets`` [batch, time] instead the summed cross-entropy over those that are not ``IGNORE_INDEX``, computed
+        without holding all the logits."""
+        hidden = self.hidden_states(idx, attention_mask, cache, positions)
+        if targets is None:
+            return self.lm_head(hidden)
+        return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets.reshape(-1))
 
     def hidden_states(
         self,
@@ -223,6 +230,15 @@ class GPT(nn.Module):
         diagonal = torch.zeros_like(causal)
         diagonal[:, past:] = torch.eye(T, dtype=torch.bool, device=device)
         return mask | diagonal
+
+    def set_dropout(self, p: float) -> None:
+        """Change every dropout rate (fine-tuning often wants another than pretraining's)."""
+        self.config.dropout = p
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = p
+            elif isinstance(module, CausalSelfAttention):
+                module.dropout = p
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -15,7 +15,8 @@ from .checkpoint import (BEST_NAME, FORMAT_VERSION, checkpoint_name, link_checkp
                          remove_stale_temporaries, save_checkpoint, tokenizer_record)
 from .data import PackedData, epoch_order, inputs_and_targets
 from .generate import SamplingSettings, TextStream, generate_ids, never_generated
-from .loss import IGNORE_INDEX, linear_cross_entropy
+from .distributed import World
+from .loss import IGNORE_INDEX
 from .model import GPT, hf_state_dict
 from .tokenizer import Tokenizer
 
@@ -98,13 +99,14 @@ def autocast(device: torch.device, precision: str):
     return nullcontext()
 
 
-def token_loss_sum(model: GPT, blocks: torch.Tensor, real: torch.Tensor, device, precision: str) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over the real targets of some blocks, and how many there were."""
+def token_loss_sum(model, blocks: torch.Tensor, real: torch.Tensor, device, precision: str) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the real targets of some blocks, and how many there were.
+
+    ``model`` is the GPT or its DistributedDataParallel wrapper (whose forward is what syncs gradients)."""
     inputs, targets = inputs_and_targets(blocks, real)
     inputs, targets = inputs.to(device), targets.to(device)
     with autocast(device, precision):
-        hidden = model.hidden_states(inputs)
-        loss = linear_cross_entropy(hidden.view(-1, hidden.shape[-1]), model.lm_head.weight, targets.view(-1))
+        loss = model(inputs, targets=targets)
     return loss, int((targets != IGNORE_INDEX).sum())
 
 
@@ -125,28 +127,42 @@ def evaluate(model: GPT, data: PackedData, batch_size: int, precision: str) -> f
 
 class Trainer:
     def __init__(self, model: GPT, tokenizer: Tokenizer, train_data: PackedData, val_data: PackedData | None,
-                 settings: TrainSettings, record: dict, log=print) -> None:
-        """``record`` is stored as-is in every checkpoint (data source, arguments, pretrained source)."""
-        self.model, self.tokenizer, self.settings, self.record, self.log = model, tokenizer, settings, record, log
+                 settings: TrainSettings, record: dict, log=print, world: World = World()) -> None:
+        """``record`` is stored as-is in every checkpoint (data source, arguments, pretrained source).
+
+        Under torchrun each step's global batch of ``batch_size x world.size`` blocks is split between the ranks,
+        so N processes follow the same path as one process with an N times larger batch."""
+        self.model, self.tokenizer, self.settings, self.record, self.world = model, tokenizer, settings, record, world
+        self.log = log if world.is_main else (lambda *args, **kwargs: None)
         self.train_data, self.val_data = train_data, val_data
         self.device = next(model.parameters()).device
+        self.forward_model = model
+        if world.active:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.forward_model = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.optimizer = make_optimizer(model, settings)
         self.progress = Progress()
         self.save_path = Path(settings.save_path)
-        self.batches_per_epoch = math.ceil(len(train_data.blocks) / settings.batch_size)
+        self.global_batch = settings.batch_size * world.size
+        self.batches_per_epoch = math.ceil(len(train_data.blocks) / self.global_batch)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / settings.grad_accum)
         self.total_steps = self.steps_per_epoch * settings.epochs
         self.last_saved_step = -1
         self.last_path: Path | None = None
         self.val_ppl: float | None = None
-        if self.save_path.is_dir():
+        if self.save_path.is_dir() and world.is_main:
             remove_stale_temporaries(self.save_path)
 
     # ---- checkpoints ---------------------------------------------------------------------------------------------
-    def state(self) -> dict:
+    def _rng(self) -> dict:
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
+    def state(self, rng_per_rank: list[dict]) -> dict:
         return {
             "format_version": FORMAT_VERSION,
             "epoch": self.progress.epoch,
@@ -159,7 +175,7 @@ class Trainer:
             "progress": asdict(self.progress),
             "schedule": {"total_steps": self.total_steps, "lr": learning_rate(self.progress.step, self.settings, self.total_steps)},
             "settings": asdict(self.settings),
-            "rng": rng,
+            "rng": {**rng_per_rank[0], "per_rank": rng_per_rank},
             "data_fingerprint": self.train_data.fingerprint,
             **self.record,
         }
@@ -168,20 +184,28 @@ class Trainer:
         """Continue a run exactly: optimizer moments, counters, position in the epoch and random state."""
         self.optimizer.load_state_dict(payload["optimizer_state_dict"])
         self.progress = Progress(**payload["progress"])
-        torch.set_rng_state(payload["rng"]["torch"])
-        if "cuda" in payload["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(payload["rng"]["cuda"], self.device)
+        per_rank = payload["rng"].get("per_rank", [payload["rng"]])
+        rng = per_rank[self.world.rank] if len(per_rank) == self.world.size else per_rank[0]  # exact for the same N
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
         if payload.get("data_fingerprint") != self.train_data.fingerprint:
             self.log("note: the training data differ from the checkpoint's; continuing from the start of its epoch")
             self.progress.batch_in_epoch = 0
         self.last_saved_step = self.progress.step
-        self._trim_metrics()
+        if self.world.is_main:
+            self._trim_metrics()
 
     def save(self, best: bool = False) -> Path:
-        """Write ``KoGPT2_checkpoint_<step>.tar`` (once per step), keep the newest ``keep_last``, and link the best."""
+        """Write ``KoGPT2_checkpoint_<step>.tar`` (once per step), keep the newest ``keep_last``, and link the best.
+        Every rank calls it (its random state goes in too); only rank 0 writes."""
         path = self.save_path / checkpoint_name(self.progress.step)
+        rng_per_rank = self.world.gather(self._rng())
+        if not self.world.is_main:
+            self.last_saved_step = self.progress.step
+            return path
         if self.last_saved_step != self.progress.step:
-            save_checkpoint(path, self.state())
+            save_checkpoint(path, self.state(rng_per_rank))
             self.last_saved_step = self.progress.step
             if self.settings.keep_last > 0:
                 for _, old in regular_checkpoints(self.save_path)[:-self.settings.keep_last]:
@@ -196,6 +220,8 @@ class Trainer:
         return self.save_path / METRICS_NAME
 
     def _metric(self, **values) -> None:
+        if not self.world.is_main:
+            return
         self.save_path.mkdir(parents=True, exist_ok=True)
         with self.metrics_path.open("a", encoding="utf-8") as file:
             file.write(json.dumps(values, ensure_ascii=False) + "\n")
@@ -212,7 +238,9 @@ class Trainer:
     def _evaluate(self) -> tuple[float | None, bool]:
         if self.val_data is None:
             return None, False
-        val_loss = evaluate(self.model, self.val_data, self.settings.batch_size, self.settings.precision)
+        val_loss = evaluate(self.model, self.val_data, self.settings.batch_size, self.settings.precision) \
+            if self.world.is_main else 0.0
+        (val_loss,) = self.world.broadcast([val_loss])  # every rank decides "best" and early stops alike
         improved = val_loss < self.progress.best_val_loss
         if improved:
             self.progress.best_val_loss = val_loss
@@ -252,7 +280,7 @@ class Trainer:
             while progress.epoch < settings.epochs:
                 done = math.ceil(progress.batch_in_epoch / settings.grad_accum)
                 with tqdm(total=self.steps_per_epoch, initial=done, desc=f"epoch {progress.epoch + 1}/{settings.epochs}",
-                          unit="step", dynamic_ncols=True) as bar:
+                          unit="step", dynamic_ncols=True, disable=not self.world.is_main) as bar:
                     reason = self._epoch(bar, stop)
                 if reason:
                     self.log(reason)
@@ -263,11 +291,11 @@ class Trainer:
         """The rest of the current epoch; returns why training must stop early, if it must."""
         settings, progress = self.settings, self.progress
         order = epoch_order(len(self.train_data.blocks), settings.seed, progress.epoch)
-        batches = [order[i:i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
+        batches = [order[i:i + self.global_batch] for i in range(0, len(order), self.global_batch)]
         tokens_seen, started = 0, time.perf_counter()
         while True:
             group = batches[progress.batch_in_epoch:progress.batch_in_epoch + settings.grad_accum]
-            loss, n_tokens = self._step(group)
+            loss, n_tokens, stop_elsewhere = self._step(group, stop.signal is not None)
             progress.batch_in_epoch += len(group)
             progress.step += 1
             progress.loss = loss
@@ -286,35 +314,42 @@ class Trainer:
                 if val_loss is not None:
                     self.val_ppl = math.exp(min(val_loss, 50))
                     entry.update(val_loss=val_loss, val_ppl=self.val_ppl)
-                bar.write(f"[step {progress.step}] sample: {self._sample()}")
+                if self.world.is_main:
+                    bar.write(f"[step {progress.step}] sample: {self._sample()}")
             self._metric(**entry)
             bar.set_postfix(loss=f"{loss:.3f}", val_ppl=f"{self.val_ppl:.2f}" if self.val_ppl else "-",
                             tok_s=f"{tokens_per_s:.0f}")
             bar.update(1)
             early_stop = settings.patience > 0 and progress.evals_without_improvement >= settings.patience
-            if end_of_epoch or improved or early_stop or stop.signal or progress.step % settings.save_every == 0:
+            stopping = stop.signal is not None or stop_elsewhere
+            if end_of_epoch or improved or early_stop or stopping or progress.step % settings.save_every == 0:
                 self.last_path = self.save(best=improved)
             if early_stop:
                 return f"early stop: validation loss has not improved for {settings.patience} evaluations"
-            if stop.signal:
-                return (f"stopped by {signal.Signals(stop.signal).name} at step {progress.step}; "
-                        f"resume with --load_path {self.last_path}")
+            if stopping:
+                by = signal.Signals(stop.signal).name if stop.signal else "a signal to another rank"
+                return f"stopped by {by} at step {progress.step}; resume with --load_path {self.last_path}"
             if end_of_epoch:
                 return None
 
-    def _step(self, group: list[torch.Tensor]) -> tuple[float, int]:
-        """One optimizer step over ``grad_accum`` batches; the loss is the mean over all their real tokens."""
-        settings = self.settings
+    def _step(self, group: list[torch.Tensor], stop_here: bool) -> tuple[float, int, bool]:
+        """One optimizer step over ``grad_accum`` global batches, this rank doing its share of each; the loss is the
+        mean over all their real tokens. Returns it, the token count, and whether any rank was asked to stop."""
+        settings, world = self.settings, self.world
         for param_group in self.optimizer.param_groups:
             param_group["lr"] = learning_rate(self.progress.step, settings, self.total_steps)
         total_tokens = int(sum(self.train_data.real_tokens[idx].sum() for idx in group))
         loss_sum = 0.0
-        for idx in group:
-            loss, _ = token_loss_sum(self.model, self.train_data.blocks[idx], self.train_data.real_tokens[idx],
-                                     self.device, settings.precision)
-            (loss / total_tokens).backward()
+        for n, idx in enumerate(group):
+            mine = idx.tensor_split(world.size)[world.rank]
+            syncing = n == len(group) - 1 or not world.active
+            with nullcontext() if syncing else self.forward_model.no_sync():  # gradients travel once per step
+                loss, _ = token_loss_sum(self.forward_model, self.train_data.blocks[mine],
+                                         self.train_data.real_tokens[mine], self.device, settings.precision)
+                (loss * (world.size / total_tokens)).backward()  # DDP averages over ranks: undo that, keep the sum
             loss_sum += loss.item()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), settings.clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum / max(1, total_tokens), total_tokens
+        loss_sum, stops = world.sum([loss_sum, float(stop_here)])
+        return loss_sum / max(1, total_tokens), total_tokens, stops > 0

@@ -38,9 +38,9 @@ def slow_save(obj, file, *args, **kwargs):
         time.sleep(0.03)
 torch.save = slow_save
 step = train.Trainer._step
-def slow_step(self, group):
+def slow_step(self, *args):
     time.sleep(0.02)
-    return step(self, group)
+    return step(self, *args)
 train.Trainer._step = slow_step
 import main
 sys.exit(main.main(sys.argv[1:]))

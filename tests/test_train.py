@@ -19,9 +19,9 @@ import sys, time
 sys.path.insert(0, {str(REPO)!r})
 import kogpt2.train as train
 step = train.Trainer._step
-def slow_step(self, group):
+def slow_step(self, *args):
     time.sleep(0.03)
-    return step(self, group)
+    return step(self, *args)
 train.Trainer._step = slow_step
 import main
 sys.exit(main.main(sys.argv[1:]))
