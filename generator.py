@@ -30,6 +30,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompts", default=None, help="batch mode: a text file (one prompt a line) or a CSV (see --column)")
     p.add_argument("--column", default="sent", help="CSV column of --prompts")
     p.add_argument("--output", default=None, help="batch mode: write samples to .csv (UTF-8 with BOM) or .jsonl")
+    p.add_argument("--report", default=None, help="write a JSON report: copy rate, longest run shared with the "
+                                                      "training text, distinct-1/2")
+    p.add_argument("--no_copy", action="store_true", help="draw again any sample that repeats the training text")
+    p.add_argument("--copy_words", type=int, default=8,
+                   help="with --no_copy, the longest run of words a sample may share with a training row")
+    p.add_argument("--data_file_path", default=None,
+                   help="training CSV for --report/--no_copy (default: the one the checkpoint was trained on)")
     args = p.parse_args(argv)
     if args.num_samples < 1:
         p.error("--num_samples must be at least 1")

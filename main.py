@@ -40,6 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save_every", type=int, default=500, help="write a checkpoint every N steps (and at epoch ends)")
     p.add_argument("--keep_last", type=int, default=3, help="regular checkpoints kept on disk (0: all)")
     p.add_argument("--patience", type=int, default=0, help="stop after N evaluations without a better validation loss (0: off)")
+    p.add_argument("--tensorboard", action="store_true", help="also log to SAVE_PATH/tensorboard (needs tensorboard)")
     p.add_argument("--seed", type=int, default=42, help="random seed: same arguments and seed give the same run")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],

@@ -11,6 +11,7 @@ from .checkpoint import is_ours, load_checkpoint, model_from_checkpoint, regular
 from .data import check_header, load_rows, pack, read_text_column, validation_mask
 from .distributed import World, join, leave
 from .errors import KoGPT2Error
+from .plot import plot_metrics
 from .pretrained import load_pretrained, load_pretrained_tokenizer
 from .scratch import is_scratch, scratch_model
 from .train import Trainer, TrainSettings
@@ -117,7 +118,7 @@ def _run(args: argparse.Namespace, world: World, device_name: str) -> int:
         lr=args.lr if args.lr is not None else (SCRATCH_LR if is_scratch(args.pretrained) else FINETUNE_LR),
         warmup=args.warmup, eval_every=args.eval_every, save_every=args.save_every,
         keep_last=args.keep_last, patience=args.patience, seed=args.seed, precision=precision,
-        samples_dir=args.samples)
+        samples_dir=args.samples, tensorboard=args.tensorboard)
     record = {"data": {"path": str(args.data_file_path), "sha256": data.sha256, "column": args.column},
               "pretrained": args.pretrained, "args": {k: v for k, v in vars(args).items() if v is not None}}
     trainer = Trainer(model.to(device), tokenizer, train_data, val_data, settings, record, log=say, world=world)
@@ -137,4 +138,6 @@ def _run(args: argparse.Namespace, world: World, device_name: str) -> int:
     last = trainer.fit()
     if last is not None:
         say(f"last checkpoint: {last}")
+    if world.is_main and trainer.metrics_path.exists():
+        say(f"loss curve: {plot_metrics(settings.save_path)}")
     return 0

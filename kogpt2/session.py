@@ -9,7 +9,7 @@ import sys
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import TextIO
+from typing import Callable, TextIO
 
 import torch
 
@@ -19,6 +19,7 @@ from .finetune import pick_device
 from .generate import SamplingSettings, TextStream, generate_ids, never_generated
 from .model import GPT
 from .pretrained import load_pretrained, load_pretrained_tokenizer
+from .report import TrainingText, normalise, summarise, training_text_from
 from .tokenizer import Tokenizer
 
 QUIT = {"", "quit", "exit", "q"}
@@ -39,8 +40,9 @@ class Sample:
     settings: SamplingSettings
 
 
-def load_model(load_path: str | None, pretrained: str, device: torch.device, dtype: str) -> tuple[GPT, Tokenizer, str]:
-    """Our checkpoints are self-contained; a 2020 checkpoint takes its v1 tokenizer from ``pretrained``."""
+def load_model(load_path: str | None, pretrained: str, device: torch.device, dtype: str) -> tuple[GPT, Tokenizer, str, dict]:
+    """Our checkpoints are self-contained; a 2020 checkpoint takes its v1 tokenizer from ``pretrained``.
+    Returns the model, its tokenizer, where they came from, and the checkpoint's record of its training data."""
     if load_path:
         path = Path(load_path)
         if not path.is_file():
@@ -48,11 +50,11 @@ def load_model(load_path: str | None, pretrained: str, device: torch.device, dty
         payload = load_checkpoint(path)
         tokenizer = None if "format_version" in payload else load_pretrained_tokenizer(pretrained)
         model, tokenizer = model_from_checkpoint(payload, path, tokenizer)
-        source = str(path)
+        source, record = str(path), {"data": payload.get("data", {}), "args": payload.get("args", {})}
     else:
         model, tokenizer = load_pretrained(pretrained)
-        source = pretrained
-    return model.to(device=device, dtype=DTYPES[dtype]).eval(), tokenizer, source
+        source, record = pretrained, {}
+    return model.to(device=device, dtype=DTYPES[dtype]).eval(), tokenizer, source, record
 
 
 class StopText:
@@ -83,24 +85,49 @@ class StopText:
 
 class Generator:
     def __init__(self, model: GPT, tokenizer: Tokenizer, settings: SamplingSettings, seed: int | None,
-                 num_samples: int = 1, out: TextIO | None = None) -> None:
+                 num_samples: int = 1, out: TextIO | None = None, accept: Callable[[str], bool] | None = None,
+                 retries: int = 10) -> None:
+        """``accept``, when given, vets each sample (``--no_copy``): a refused one is drawn again with the next
+        seed, up to ``retries`` times, and dropped if none passes."""
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
         self.seed = seed
         self.num_samples = num_samples
         self.out = out or sys.stdout
+        self.accept, self.retries = accept, retries
         self.device = next(model.parameters()).device
 
     def run(self, prompt: str, stream: bool = True) -> list[Sample]:
         """Samples for one prompt; with ``stream`` (and one sample) the text is printed as it is made."""
         seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(4), "little")
+        live = stream and self.num_samples == 1 and self.accept is None
+        samples = self._draw(prompt, seed, self.num_samples, live)
+        if self.accept is not None:
+            samples = [self._redraw(sample) for sample in samples]
+            dropped = sum(s is None for s in samples)
+            samples = [s for s in samples if s is not None]
+            if dropped:
+                self._write(f"({dropped} sample(s) only repeated the training text after {self.retries} tries)\n")
+        if stream and not live:
+            for sample in samples:
+                tag = f"[{sample.index + 1}/{sample.num_samples}] " if self.num_samples > 1 else ""
+                self._write(f"{tag}{sample.text}\n")
+        return samples
+
+    def _redraw(self, sample: Sample) -> Sample | None:
+        for attempt in range(1, self.retries + 1):
+            if self.accept(sample.text):
+                return sample
+            sample = self._draw(sample.prompt, (sample.seed + attempt) % 2**32, 1, live=False)[0]
+        return sample if self.accept(sample.text) else None
+
+    def _draw(self, prompt: str, seed: int, num_samples: int, live: bool) -> list[Sample]:
         generator = torch.Generator(device=self.device).manual_seed(seed)
         prompt_ids = [self.tokenizer.bos_id] + self.tokenizer.encode(prompt)
-        streams = [TextStream(self.tokenizer, prompt_ids) for _ in range(self.num_samples)]
-        stops = [StopText(self.settings.stop) for _ in range(self.num_samples)]
-        live = stream and self.num_samples == 1
+        streams = [TextStream(self.tokenizer, prompt_ids) for _ in range(num_samples)]
+        stops = [StopText(self.settings.stop) for _ in range(num_samples)]
         if live:
             self._write(prompt)
-        for step in generate_ids(self.model, prompt_ids, self.settings, self.tokenizer.eos_id, self.num_samples, generator,
+        for step in generate_ids(self.model, prompt_ids, self.settings, self.tokenizer.eos_id, num_samples, generator,
                                  never_generated(self.tokenizer)):
             for token, text_stream, stop in zip(step, streams, stops):
                 if token is not None and not stop.stopped:
@@ -114,10 +141,7 @@ class Generator:
             rest = stop.flush()
             if live:
                 self._write(rest + "\n")
-            samples.append(Sample(prompt, prompt + stop.text, index, self.num_samples, seed, self.settings))
-        if stream and not live:
-            for sample in samples:
-                self._write(f"[{sample.index + 1}/{self.num_samples}] {sample.text}\n")
+            samples.append(Sample(prompt, prompt + stop.text, index, num_samples, seed, self.settings))
         return samples
 
     def _write(self, text: str) -> None:
@@ -207,23 +231,39 @@ def prompts_from(first: str | None, interactive: bool, stdin: TextIO):
 
 def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
-    model, tokenizer, source = load_model(args.load_path, args.pretrained, device, args.dtype)
+    model, tokenizer, source, record = load_model(args.load_path, args.pretrained, device, args.dtype)
     settings = SamplingSettings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                 repetition_penalty=args.repetition_penalty, no_repeat_ngram=args.no_repeat_ngram,
                                 text_size=args.text_size, stop=list(args.stop or []))
-    generator = Generator(model, tokenizer, settings, args.seed, args.num_samples)
+    training = None
+    if args.report or args.no_copy:
+        training = training_text_from(record, args.data_file_path, "sent", tokenizer)
 
-    if args.prompts:
-        samples = [s for prompt in read_prompts(args.prompts, args.column) for s in generator.run(prompt, stream=not args.output)]
-        if args.output:
-            write_rows(args.output, samples, source)
-            print(f"{len(samples)} samples written to {args.output}")
-        return 0
+    def new_text(text: str) -> bool:
+        return not training.is_copy(text) and training.words.longest_shared(normalise(text).split(" ")) <= args.copy_words
 
+    generator = Generator(model, tokenizer, settings, args.seed, args.num_samples,
+                          accept=new_text if args.no_copy else None)
+    produced = (_batch if args.prompts else _conversation)(args, generator, source)
+    if args.report:
+        write_report(args.report, produced, training, source)
+    return 0
+
+
+def _batch(args: argparse.Namespace, generator: Generator, source: str) -> list[Sample]:
+    samples = [s for prompt in read_prompts(args.prompts, args.column) for s in generator.run(prompt, stream=not args.output)]
+    if args.output:
+        write_rows(args.output, samples, source)
+        print(f"{len(samples)} samples written to {args.output}")
+    return samples
+
+
+def _conversation(args: argparse.Namespace, generator: Generator, source: str) -> list[Sample]:
     stdin = sys.stdin
     if hasattr(stdin, "reconfigure"):
         stdin.reconfigure(errors="replace")  # invalid UTF-8 typed or piped in must not crash the loop
     interactive = stdin.isatty()
+    produced: list[Sample] = []
     done = 0
     try:
         for prompt in prompts_from(args.tmp_sent, interactive, stdin):
@@ -233,6 +273,7 @@ def run(args: argparse.Namespace) -> int:
             if interactive and prompt.strip().lower() in QUIT:
                 break
             for sample in generator.run(prompt):
+                produced.append(sample)
                 if args.samples:
                     save_sample_file(args.samples, sample, source)
             done += 1
@@ -240,4 +281,19 @@ def run(args: argparse.Namespace) -> int:
                 break
     except KeyboardInterrupt:
         print()
-    return 0
+    return produced
+
+
+def write_report(path: str, samples: list[Sample], training: TrainingText, source: str) -> None:
+    """Per sample: copy or not, longest run shared with the training text (words, tokens); then averages and
+    distinct-1/2 over all samples."""
+    rows = [{"prompt": s.prompt, "text": s.text, "seed": s.seed, "sample_index": s.index, **training.measure(s.text)}
+            for s in samples]
+    summary = summarise(rows)
+    report = {"checkpoint": source, "settings": samples[0].settings.to_dict() if samples else {},
+              "summary": summary, "samples": rows}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
+    print(f"report: {summary['samples']} samples, copy rate {summary['copy_rate']:.2f}, longest shared run "
+          f"{summary['mean_longest_shared_words']:.1f} words on average, distinct-1 {summary['distinct_1']:.2f}, "
+          f"distinct-2 {summary['distinct_2']:.2f} -> {path}")

@@ -16,6 +16,7 @@ from .checkpoint import (BEST_NAME, FORMAT_VERSION, checkpoint_name, link_checkp
 from .data import PackedData, epoch_order, inputs_and_targets
 from .generate import SamplingSettings, TextStream, generate_ids, never_generated
 from .distributed import World
+from .errors import KoGPT2Error
 from .loss import IGNORE_INDEX
 from .model import GPT, hf_state_dict
 from .tokenizer import Tokenizer
@@ -42,6 +43,7 @@ class TrainSettings:
     sample_phrase: str = "우리"
     sample_tokens: int = 40
     samples_dir: str | None = None
+    tensorboard: bool = False
 
 
 @dataclass
@@ -111,18 +113,28 @@ def token_loss_sum(model, blocks: torch.Tensor, real: torch.Tensor, device, prec
 
 
 @torch.no_grad()
-def evaluate(model: GPT, data: PackedData, batch_size: int, precision: str) -> float:
+def evaluate(model: GPT, data: PackedData, batch_size: int, precision: str, progress: bool = False) -> float:
     """Mean cross-entropy per real token (its exp is the perplexity)."""
+    from tqdm.auto import tqdm
+
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for start in range(0, len(data.blocks), batch_size):
+    for start in tqdm(range(0, len(data.blocks), batch_size), desc="evaluating", unit="batch", disable=not progress):
         loss, n = token_loss_sum(model, data.blocks[start:start + batch_size],
                                  data.real_tokens[start:start + batch_size], device, precision)
         total, count = total + loss.item(), count + n
     model.train(was_training)
     return total / max(1, count)
+
+
+def _tensorboard_writer(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise KoGPT2Error("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(str(folder / "tensorboard"))
 
 
 class Trainer:
@@ -152,6 +164,7 @@ class Trainer:
         self.last_saved_step = -1
         self.last_path: Path | None = None
         self.val_ppl: float | None = None
+        self.tensorboard = _tensorboard_writer(self.save_path) if settings.tensorboard and world.is_main else None
         if self.save_path.is_dir() and world.is_main:
             remove_stale_temporaries(self.save_path)
 
@@ -225,6 +238,11 @@ class Trainer:
         self.save_path.mkdir(parents=True, exist_ok=True)
         with self.metrics_path.open("a", encoding="utf-8") as file:
             file.write(json.dumps(values, ensure_ascii=False) + "\n")
+        if self.tensorboard is not None:
+            for name, value in values.items():
+                if name != "step":
+                    self.tensorboard.add_scalar(name, value, values["step"])
+            self.tensorboard.flush()
 
     def _trim_metrics(self) -> None:
         """Forget lines logged after the checkpoint we resume from, so the log has each step once."""

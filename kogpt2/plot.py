@@ -1,0 +1,92 @@
+"""``loss.png`` from a run's ``metrics.jsonl``: train and validation loss, validation perplexity, the best step.
+
+    python -m kogpt2.plot checkpoint/
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .errors import KoGPT2Error
+
+KOREAN_FONTS = ("NanumGothic", "NanumBarunGothic", "Noto Sans CJK KR", "Noto Sans KR", "Malgun Gothic", "AppleGothic",
+                "UnDotum", "Baekmuk Gulim")
+LABELS = {
+    True: {"title": "학습 곡선", "step": "스텝", "loss": "손실", "train": "학습 손실", "val": "검증 손실",
+           "ppl": "검증 퍼플렉시티", "best": "최고 (스텝 {step})"},
+    False: {"title": "Training curve", "step": "step", "loss": "loss", "train": "train loss", "val": "validation loss",
+            "ppl": "validation perplexity", "best": "best (step {step})"},
+}
+
+
+def korean_font() -> str | None:
+    """An installed font with Hangul, so Korean labels never turn into boxes."""
+    from matplotlib import font_manager
+
+    installed = {font.name for font in font_manager.fontManager.ttflist}
+    return next((name for name in KOREAN_FONTS if name in installed), None)
+
+
+def plot_metrics(folder: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    log = folder / "metrics.jsonl"
+    try:
+        entries = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except FileNotFoundError:
+        raise KoGPT2Error(f"{log}: no metrics log (main.py writes it into --save_path)") from None
+    except ValueError:
+        raise KoGPT2Error(f"{log} is damaged (not JSON lines)") from None
+    if not entries:
+        raise KoGPT2Error(f"{log} is empty: nothing to plot yet")
+    font = korean_font()
+    words = LABELS[font is not None]
+    if font:
+        plt.rcParams["font.family"] = font
+    plt.rcParams["axes.unicode_minus"] = False
+    figure, loss_axis = plt.subplots(figsize=(9, 5), dpi=110)
+    loss_axis.plot([e["step"] for e in entries], [e["train_loss"] for e in entries], color="#9ab", lw=1,
+                   label=words["train"])
+    evals = [e for e in entries if "val_loss" in e]
+    if evals:
+        loss_axis.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], "o-", color="#c33", ms=3,
+                       label=words["val"])
+        best = min(evals, key=lambda e: e["val_loss"])
+        loss_axis.scatter([best["step"]], [best["val_loss"]], s=160, facecolors="none", edgecolors="k", zorder=3,
+                          label=words["best"].format(step=best["step"]))
+        ppl_axis = loss_axis.twinx()
+        ppl_axis.plot([e["step"] for e in evals], [e["val_ppl"] for e in evals], ":", color="#36a", label=words["ppl"])
+        ppl_axis.set_ylabel(words["ppl"])
+        ppl_axis.legend(loc="upper center")
+    loss_axis.set_xlabel(words["step"])
+    loss_axis.set_ylabel(words["loss"])
+    loss_axis.set_title(words["title"])
+    loss_axis.legend(loc="upper right")
+    loss_axis.grid(alpha=0.3)
+    target = folder / "loss.png"
+    figure.tight_layout()
+    figure.savefig(target)
+    plt.close(figure)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = argv if argv is not None else sys.argv[1:]
+    if len(args) != 1 or args[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if args and args[0] in ("-h", "--help") else 2
+    try:
+        print(f"written: {plot_metrics(args[0])}")
+    except KoGPT2Error as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
