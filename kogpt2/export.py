@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import struct
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 from .checkpoint import generation_payload, is_ours, load_checkpoint, save_checkpoint
 from .errors import KoGPT2Error
 from .model import GPTConfig
-from .tokenizer import HFTokenizer, tokenizer_from_bytes
+from .tokenizer import NEWLINE_V1, HFTokenizer, tokenizer_from_bytes
 
 
 def export_generation_file(payload: dict, target: Path, half: bool) -> None:
@@ -29,9 +30,7 @@ def export_hf_folder(payload: dict, target: Path, half: bool) -> None:
 
     record = payload["tokenizer"]
     tokenizer = tokenizer_from_bytes(record["kind"], record["data"].numpy().tobytes())
-    if not isinstance(tokenizer, HFTokenizer):
-        raise KoGPT2Error("this checkpoint uses a SentencePiece (v1 or scratch) tokenizer, which cannot be written as "
-                          "a Hugging Face tokenizer.json yet; export it as a .tar generation file instead")
+    tokenizer_json = tokenizer.data if isinstance(tokenizer, HFTokenizer) else sentencepiece_as_tokenizer_json(tokenizer.data)
     config = GPTConfig.from_dict(payload["config"])
     slim = generation_payload(payload, torch.bfloat16 if half else torch.float32)
     target.mkdir(parents=True, exist_ok=True)
@@ -40,8 +39,8 @@ def export_hf_folder(payload: dict, target: Path, half: bool) -> None:
     (target / "config.json").write_text(json.dumps(hf_config, indent=2), encoding="utf-8")
     save_file({k: v.contiguous() for k, v in slim["model_state_dict"].items()}, str(target / "model.safetensors"),
               metadata={"format": "pt"})
-    (target / "tokenizer.json").write_bytes(tokenizer.data)
-    names = {name: tokenizer._tok.id_to_token(i) for name, i in
+    (target / "tokenizer.json").write_bytes(tokenizer_json)
+    names = {name: tokenizer.id_to_piece(i) for name, i in
              (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id), ("pad_token", tokenizer.pad_id),
               ("unk_token", tokenizer.unk_id))}
     (target / "tokenizer_config.json").write_text(json.dumps(
@@ -49,6 +48,81 @@ def export_hf_folder(payload: dict, target: Path, half: bool) -> None:
          "clean_up_tokenization_spaces": False, **names}, ensure_ascii=False, indent=2), encoding="utf-8")
     (target / "generation_config.json").write_text(json.dumps(
         {**ids, "do_sample": True, "top_k": 40, "top_p": 0.9, "max_new_tokens": 250}, indent=2), encoding="utf-8")
+
+
+# ---- SentencePiece (v1, scratch) as a tokenizers BPE with the same ids -------------------------------------------------
+
+PIECE_NORMAL, PIECE_USER_DEFINED = 1, 4
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    shift = value = 0
+    while True:
+        byte = buf[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, i
+
+
+def _protobuf_fields(buf: bytes):
+    """(field number, value) of one protobuf message: enough of the format to read a SentencePiece model."""
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        wire = key & 7
+        if wire == 0:
+            value, i = _varint(buf, i)
+        elif wire == 1:
+            value, i = buf[i:i + 8], i + 8
+        elif wire == 2:
+            size, i = _varint(buf, i)
+            value, i = buf[i:i + size], i + size
+        elif wire == 5:
+            value, i = buf[i:i + 4], i + 4
+        else:
+            raise KoGPT2Error(f"unsupported protobuf wire type {wire} in the SentencePiece model")
+        yield key >> 3, value
+
+
+def sentencepiece_as_tokenizer_json(model: bytes) -> bytes:
+    """The BPE SentencePiece model as a ``tokenizer.json`` giving the same ids: its vocabulary, merges derived from
+    the pieces' scores, its own precompiled normaliser, and line breaks as ``<unused0>`` like our encoder."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    pieces, charsmap = [], b""
+    for number, value in _protobuf_fields(model):
+        if number == 1:  # ModelProto.pieces: {1: piece, 2: score, 3: type}
+            piece = {"type": PIECE_NORMAL}
+            for field, item in _protobuf_fields(value):
+                if field == 1:
+                    piece["piece"] = item.decode("utf-8")
+                elif field == 2:
+                    piece["score"] = struct.unpack("<f", item)[0]
+                elif field == 3:
+                    piece["type"] = item
+            pieces.append(piece)
+        elif number == 3:  # ModelProto.normalizer_spec: {2: precompiled_charsmap}
+            charsmap = dict(_protobuf_fields(value)).get(2, b"")
+    vocab = {p["piece"]: i for i, p in enumerate(pieces)}
+    merges = []
+    for piece in (p for p in pieces if p["type"] == PIECE_NORMAL):
+        text = piece["piece"]
+        pairs = [(text[:k], text[k:]) for k in range(1, len(text)) if text[:k] in vocab and text[k:] in vocab]
+        merges.extend((piece.get("score", 0.0), vocab[a], vocab[b], a, b) for a, b in pairs)
+    merges.sort(key=lambda m: (-m[0], m[1], m[2]))
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for *_, a, b in merges], unk_token="<unk>",
+                                     fuse_unk=True))
+    steps = [normalizers.Replace(Regex("[ \t]*\n[ \t]*"), NEWLINE_V1)]
+    if charsmap:
+        steps.append(normalizers.Precompiled(charsmap))
+    steps += [normalizers.Replace(Regex(" {2,}"), " "), normalizers.Strip()]
+    tokenizer.normalizer = normalizers.Sequence(steps)
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.add_tokens([AddedToken(p["piece"], normalized=True) for p in pieces if p["type"] == PIECE_USER_DEFINED])
+    return tokenizer.to_str().encode("utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ class Tokenizer(Protocol):
     data: bytes  # the tokenizer file itself, stored in checkpoints
 
     def encode(self, text: str) -> list[int]: ...
+    def id_to_piece(self, i: int) -> str: ...
     def decode(self, ids: list[int]) -> str: ...
     def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
 
@@ -56,6 +57,9 @@ class SentencePieceTokenizer:
         if i == self._sp.unk_id():
             raise KoGPT2Error(f"the SentencePiece model has no {piece} token")
         return i
+
+    def id_to_piece(self, i: int) -> str:
+        return self._pieces[i]
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
@@ -116,6 +120,9 @@ class HFTokenizer:
         if i is None:
             raise KoGPT2Error(f"the tokenizer has no {token} token")
         return i
+
+    def id_to_piece(self, i: int) -> str:
+        return self._tok.id_to_token(i)
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids

@@ -156,3 +156,29 @@ def test_half_generation_file_is_small_and_generates(trained, tmp_path, capsys):
     capsys.readouterr()
     assert run_generator("--load_path", target, "--tmp_sent", "오늘", "--seed", 1, "--text_size", 5) == 0
     assert capsys.readouterr().out.startswith("오늘")
+
+
+def test_v1_export_keeps_every_id_and_the_exact_gelu(v1_release, tmp_path):
+    import csv as csv_module
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, _ = v1_release
+    out = tmp_path / "run"
+    assert run_main("--epoch", 1, "--pretrained", folder, "--save_path", out, "--max_len", 32, "--batch_size", 32,
+                    "--val_ratio", 0) == 0
+    checkpoint = next(out.glob("KoGPT2_checkpoint_*.tar"))
+    assert export_main([str(checkpoint), str(tmp_path / "hf")]) == 0
+    model, tokenizer = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
+    hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf_model.config.activation_function == "gelu"
+    with SAMPLE_CSV.open(encoding="utf-8") as f:
+        texts = [row["sent"] for row in csv_module.DictReader(f)]
+    texts += ["가나 😀😀 다\n\n라  마 ㅋㅋ ABC 123 龘", "  앞뒤 공백  ", "탭\t문자", "첫 줄 \n 둘째", "\n시작", "ＡＢＣ １２３"]
+    for text in texts:
+        assert hf_tokenizer.encode(text) == tokenizer.encode(text), text
+    assert hf_tokenizer.pad_token_id == tokenizer.pad_id == 3
+    ids = torch.tensor([[tokenizer.bos_id] + tokenizer.encode("오늘 아침에는")])
+    with torch.no_grad():
+        assert (hf_model(ids).logits - model.eval()(ids)).abs().max() <= 1e-4
