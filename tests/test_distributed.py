@@ -54,8 +54,8 @@ def test_one_set_of_files_that_resumes_with_one_or_two_processes(two_process_run
     steps = [m["step"] for m in metrics(folder)]
     assert steps == list(range(1, len(steps) + 1))  # one writer: each step logged once
     names = sorted(p.name for p in folder.iterdir())
-    assert names == sorted(["KoGPT2_best.tar", "metrics.jsonl", f"KoGPT2_checkpoint_{steps[-1] // 2}.tar",
-                            f"KoGPT2_checkpoint_{steps[-1]}.tar"])
+    assert names == sorted(["KoGPT2_best.tar", "metrics.jsonl", "loss.png",
+                            f"KoGPT2_checkpoint_{steps[-1] // 2}.tar", f"KoGPT2_checkpoint_{steps[-1]}.tar"])
     middle = folder / f"KoGPT2_checkpoint_{steps[-1] // 2}.tar"
     assert run_main(*TINY, "--epoch", 2, "--batch_size", 4, "--load_path", middle, "--save_path", tmp_path / "one") == 0
     process = torchrun(*TINY, "--epoch", 2, "--batch_size", 2, "--load_path", middle, "--save_path", tmp_path / "two")
