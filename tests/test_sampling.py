@@ -4,7 +4,7 @@ import math
 import torch
 
 from kogpt2.sampling import (apply_repetition_penalty, apply_temperature, block_repeated_ngrams, sample_next,
-                             top_k_filter, top_p_filter)
+                             top_p_filter)
 
 NEG = float("-inf")
 
@@ -13,10 +13,12 @@ def test_temperature_scales_logits():
     assert torch.equal(apply_temperature(torch.tensor([[2.0, -4.0]]), 2.0), torch.tensor([[1.0, -2.0]]))
 
 
-def test_top_k_keeps_the_k_largest():
+def test_top_k_draws_only_among_the_k_largest():
     logits = torch.tensor([[1.0, 5.0, 3.0, 4.0]])
-    assert top_k_filter(logits, 2).tolist() == [[NEG, 5.0, NEG, 4.0]]
-    assert torch.equal(top_k_filter(logits, 0), logits)
+    draws = {sample_next(logits, 5.0, 2, 1.0, torch.Generator().manual_seed(s)).item() for s in range(100)}
+    assert draws == {1, 3}
+    everything = {sample_next(logits, 50.0, 0, 1.0, torch.Generator().manual_seed(s)).item() for s in range(200)}
+    assert everything == {0, 1, 2, 3}
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
@@ -59,7 +61,9 @@ def test_greedy_and_sampling():
 def test_top_k_then_top_p_draws_from_the_same_set_as_full_filtering():
     torch.manual_seed(3)
     logits = torch.randn(4, 500) * 3
-    allowed = torch.isfinite(top_p_filter(top_k_filter(logits / 0.7, 20), 0.8))
+    scaled = logits / 0.7
+    top_k = scaled.masked_fill(scaled < torch.topk(scaled, 20).values[:, -1:], float("-inf"))
+    allowed = torch.isfinite(top_p_filter(top_k, 0.8))
     for seed in range(50):
         token = sample_next(logits, 0.7, 20, 0.8, torch.Generator().manual_seed(seed))
         assert allowed[torch.arange(4), token].all()
