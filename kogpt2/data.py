@@ -6,6 +6,7 @@ import hashlib
 import io
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,8 +146,8 @@ def load_rows(path: str | Path, column: str, encoding: str | None, tokenizer: To
                 info = TextColumn([], int(stored["rows_read"]), int(stored["rows_empty"]), str(stored["encoding"]),
                                   content)
                 return TokenizedRows(stored["ids"], stored["offsets"]), info
-        except (OSError, ValueError, KeyError):
-            cached.unlink(missing_ok=True)  # a damaged cache is only a cache
+        except Exception:  # a damaged cache is only a cache: rebuild it
+            cached.unlink(missing_ok=True)
     column_data = _parse(raw, path, column, encoding)
     rows = tokenize_rows(column_data.texts, tokenizer)
     if cache:
@@ -158,9 +159,14 @@ def load_rows(path: str | Path, column: str, encoding: str | None, tokenizer: To
 
 
 def _save_cache(target: Path, rows: TokenizedRows, info: TextColumn) -> None:
-    tmp = target.with_name(target.name + ".tmp")
+    """Atomic, under a temporary name of its own (several torchrun ranks may write the same cache at once)."""
     try:
-        with tmp.open("wb") as file:
+        fd, name = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    except OSError:  # a read-only data folder: work without the cache
+        return
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as file:
             np.savez(file, ids=rows.ids, offsets=rows.offsets, rows_read=info.rows_read, rows_empty=info.rows_empty,
                      encoding=info.encoding)
         os.replace(tmp, target)

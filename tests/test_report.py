@@ -182,3 +182,13 @@ def test_v1_export_keeps_every_id_and_the_exact_gelu(v1_release, tmp_path):
     ids = torch.tensor([[tokenizer.bos_id] + tokenizer.encode("오늘 아침에는")])
     with torch.no_grad():
         assert (hf_model(ids).logits - model.eval()(ids)).abs().max() <= 1e-4
+
+
+def test_tensorboard_flag_logs_or_says_how_to_install(tmp_path, capsys):
+    import importlib.util
+
+    code = run_main("--epoch", 1, "--save_path", tmp_path, "--tensorboard", *TINY_TRAINING)
+    if importlib.util.find_spec("tensorboard") is None:
+        assert code == 2 and "--tensorboard needs the tensorboard package: pip install tensorboard" in capsys.readouterr().err
+    else:
+        assert code == 0 and list((tmp_path / "tensorboard").iterdir())
