@@ -47,17 +47,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from kogpt2.errors import KoGPT2Error
+    from kogpt2.errors import report_errors
 
-    try:
+    def work() -> int:
         from kogpt2.session import run
 
         return run(args)
-    except KoGPT2Error as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 0
+
+    return report_errors(work, interrupted=0)  # Ctrl-C simply ends the session
 
 
 if __name__ == "__main__":

@@ -56,18 +56,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from kogpt2.errors import KoGPT2Error
+    from kogpt2.errors import report_errors
 
-    try:
+    def work() -> int:
         from kogpt2.finetune import run
 
         return run(args)
-    except KoGPT2Error as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted before training started; nothing was written", file=sys.stderr)
-        return 130
+
+    return report_errors(work, interrupted_message="interrupted before training started; nothing was written")
 
 
 if __name__ == "__main__":

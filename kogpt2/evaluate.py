@@ -8,7 +8,7 @@ import argparse
 import math
 import sys
 
-from .errors import KoGPT2Error
+from .errors import KoGPT2Error, report_errors
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,13 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> int:
         loss, tokens = perplexity_of(args)
-    except KoGPT2Error as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"perplexity {math.exp(min(loss, 50)):.4f} (loss {loss:.6f}) over {tokens} tokens of {args.data_file_path}")
-    return 0
+        print(f"perplexity {math.exp(min(loss, 50)):.4f} (loss {loss:.6f}) over {tokens} tokens of "
+              f"{args.data_file_path}")
+        return 0
+
+    return report_errors(work)
 
 
 def perplexity_of(args: argparse.Namespace) -> tuple[float, int]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import generation_payload, is_ours, load_checkpoint, save_checkpoint
-from .errors import KoGPT2Error
+from .errors import KoGPT2Error, report_errors
 from .model import GPTConfig
 from .tokenizer import NEWLINE_V1, HFTokenizer, tokenizer_from_bytes
 
@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="OUT.tar: generation-only file; any other path: Hugging Face folder")
     parser.add_argument("--half", action="store_true", help="bf16 weights (half the size)")
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> int:
         payload = load_checkpoint(args.checkpoint)
         if not is_ours(payload):
             raise KoGPT2Error(f"{args.checkpoint} is a 2020-format checkpoint; train one step from it with main.py first")
@@ -141,11 +142,10 @@ def main(argv: list[str] | None = None) -> int:
             export_generation_file(payload, target, args.half)
         else:
             export_hf_folder(payload, target, args.half)
-    except KoGPT2Error as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"written: {args.out}")
-    return 0
+        print(f"written: {args.out}")
+        return 0
+
+    return report_errors(work)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import KoGPT2Error
+from .errors import KoGPT2Error, report_errors
 
 KOREAN_FONTS = ("NanumGothic", "NanumBarunGothic", "Noto Sans CJK KR", "Noto Sans KR", "Malgun Gothic", "AppleGothic",
                 "UnDotum", "Baekmuk Gulim")
@@ -80,12 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1 or args[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if args and args[0] in ("-h", "--help") else 2
-    try:
-        print(f"written: {plot_metrics(args[0])}")
-    except KoGPT2Error as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return report_errors(lambda: print(f"written: {plot_metrics(args[0])}") or 0)
 
 
 if __name__ == "__main__":

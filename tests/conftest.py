@@ -111,3 +111,35 @@ def trained(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("trained")
     assert run_main("--epoch", TRAINED_EPOCHS, "--data_file_path", SAMPLE_CSV, "--save_path", folder, *TINY_TRAINING) == 0
     return folder
+
+
+def slowed_main(step_delay: float, slow_saves: bool = False) -> str:
+    """Code for ``python -c`` that runs main.py with every step (and optionally every checkpoint write) slowed,
+    so a real process can be killed or interrupted in the middle of either."""
+    slow_save = """
+import io
+save = torch.save
+def slow_save(obj, file, *args, **kwargs):
+    buffer = io.BytesIO()
+    save(obj, buffer, *args, **kwargs)
+    data = buffer.getvalue()
+    for start in range(0, len(data), len(data) // 4 + 1):
+        file.write(data[start:start + len(data) // 4 + 1])
+        file.flush()
+        time.sleep(0.03)
+torch.save = slow_save
+""" if slow_saves else ""
+    return f"""
+import sys, time
+sys.path.insert(0, {str(REPO)!r})
+import torch
+import kogpt2.train as train
+{slow_save}
+step = train.Trainer._step
+def slow_step(self, *args):
+    time.sleep({step_delay})
+    return step(self, *args)
+train.Trainer._step = slow_step
+import main
+sys.exit(main.main(sys.argv[1:]))
+"""

@@ -6,7 +6,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from conftest import REPO, SAMPLE_CSV, run_main
 from kogpt2.checkpoint import load_checkpoint

@@ -15,37 +15,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import REPO, SAMPLE_CSV, TINY_TRAINING, V2_TOKENIZER, run_generator, run_main, tiny_hf_model
+from conftest import REPO, SAMPLE_CSV, TINY_TRAINING, run_generator, run_main, slowed_main, tiny_hf_model
 from kogpt2.checkpoint import load_checkpoint
 from kogpt2.data import read_text_column
 from kogpt2.errors import KoGPT2Error
 
 # ---- 1. crash anywhere --------------------------------------------------------------------------------------------
-
-SLOW_EVERYTHING = f"""
-import io, sys, time
-sys.path.insert(0, {str(REPO)!r})
-import torch
-import kogpt2.train as train
-save = torch.save
-def slow_save(obj, file, *args, **kwargs):
-    buffer = io.BytesIO()
-    save(obj, buffer, *args, **kwargs)
-    data = buffer.getvalue()
-    for start in range(0, len(data), len(data) // 4 + 1):  # a write long enough to be killed in the middle of
-        file.write(data[start:start + len(data) // 4 + 1])
-        file.flush()
-        time.sleep(0.03)
-torch.save = slow_save
-step = train.Trainer._step
-def slow_step(self, *args):
-    time.sleep(0.02)
-    return step(self, *args)
-train.Trainer._step = slow_step
-import main
-sys.exit(main.main(sys.argv[1:]))
-"""
-
 
 def newest_checkpoint(folder):
     found = sorted(folder.glob("KoGPT2_checkpoint_*.tar"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
@@ -64,8 +39,9 @@ def test_sigkill_at_20_random_moments_then_resume_equals_one_run(tmp_path):
         resume = ["--load_path", newest] if newest else []
         metrics = folder / "metrics.jsonl"
         before = metrics.stat().st_size if metrics.exists() else 0
-        process = subprocess.Popen([sys.executable, "-c", SLOW_EVERYTHING, *map(str, args), "--save_path", str(folder),
-                                    *map(str, resume)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        process = subprocess.Popen([sys.executable, "-c", slowed_main(0.02, slow_saves=True), *map(str, args),
+                                    "--save_path", str(folder), *map(str, resume)], cwd=REPO,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while process.poll() is None and time.monotonic() < deadline:  # wait until it really trains
             if metrics.exists() and metrics.stat().st_size > before:

@@ -127,24 +127,33 @@ def test_loss_png_is_drawn_from_the_log(trained, tmp_path):
 
 # ---- export -------------------------------------------------------------------------------------------------------
 
-def test_v2_export_loads_in_transformers_with_the_same_logits_and_ids(v2_release, tmp_path, capsys):
+def trained_and_exported(release_folder, tmp_path):
+    """One epoch from a release, exported: (our model, our tokenizer, transformers' model, transformers' tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder, _ = v2_release("safetensors")
     out = tmp_path / "run"
-    assert run_main("--epoch", 1, "--pretrained", folder, "--save_path", out, "--max_len", 32, "--batch_size", 16,
-                    "--val_ratio", 0) == 0
+    assert run_main("--epoch", 1, "--pretrained", release_folder, "--save_path", out, "--max_len", 32,
+                    "--batch_size", 32, "--val_ratio", 0) == 0
     checkpoint = next(out.glob("KoGPT2_checkpoint_*.tar"))
     assert export_main([str(checkpoint), str(tmp_path / "hf")]) == 0
     model, tokenizer = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
-    hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    return (model.eval(), tokenizer, AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval(),
+            AutoTokenizer.from_pretrained(tmp_path / "hf"))
+
+
+def same_logits(model, hf_model, tokenizer):
+    ids = torch.tensor([[tokenizer.bos_id] + tokenizer.encode("오늘 아침에는")])
+    with torch.no_grad():
+        return (hf_model(ids).logits - model(ids)).abs().max() <= 1e-4
+
+
+def test_v2_export_loads_in_transformers_with_the_same_logits_and_ids(v2_release, tmp_path, capsys):
+    folder, _ = v2_release("safetensors")
+    model, tokenizer, hf_model, hf_tokenizer = trained_and_exported(folder, tmp_path)
     for text in ("우리 집은 우리 친구들에게 따뜻한 손길을 줄 수 있는 곳입니다.", "이모지 😀 와\n줄바꿈"):
         assert hf_tokenizer.encode(text) == tokenizer.encode(text)
     assert hf_tokenizer.eos_token_id == tokenizer.eos_id and hf_tokenizer.pad_token_id == tokenizer.pad_id
-    ids = torch.tensor([[tokenizer.bos_id] + tokenizer.encode("오늘 아침에는")])
-    with torch.no_grad():
-        assert (hf_model(ids).logits - model.eval()(ids)).abs().max() <= 1e-4
+    assert same_logits(model, hf_model, tokenizer)
 
 
 def test_half_generation_file_is_small_and_generates(trained, tmp_path, capsys):
@@ -161,17 +170,8 @@ def test_half_generation_file_is_small_and_generates(trained, tmp_path, capsys):
 def test_v1_export_keeps_every_id_and_the_exact_gelu(v1_release, tmp_path):
     import csv as csv_module
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder, _ = v1_release
-    out = tmp_path / "run"
-    assert run_main("--epoch", 1, "--pretrained", folder, "--save_path", out, "--max_len", 32, "--batch_size", 32,
-                    "--val_ratio", 0) == 0
-    checkpoint = next(out.glob("KoGPT2_checkpoint_*.tar"))
-    assert export_main([str(checkpoint), str(tmp_path / "hf")]) == 0
-    model, tokenizer = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
-    hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    model, tokenizer, hf_model, hf_tokenizer = trained_and_exported(folder, tmp_path)
     assert hf_model.config.activation_function == "gelu"
     with SAMPLE_CSV.open(encoding="utf-8") as f:
         texts = [row["sent"] for row in csv_module.DictReader(f)]
@@ -179,9 +179,7 @@ def test_v1_export_keeps_every_id_and_the_exact_gelu(v1_release, tmp_path):
     for text in texts:
         assert hf_tokenizer.encode(text) == tokenizer.encode(text), text
     assert hf_tokenizer.pad_token_id == tokenizer.pad_id == 3
-    ids = torch.tensor([[tokenizer.bos_id] + tokenizer.encode("오늘 아침에는")])
-    with torch.no_grad():
-        assert (hf_model(ids).logits - model.eval()(ids)).abs().max() <= 1e-4
+    assert same_logits(model, hf_model, tokenizer)
 
 
 def test_tensorboard_flag_logs_or_says_how_to_install(tmp_path, capsys):

@@ -10,27 +10,13 @@ import pytest
 import numpy as np
 import torch
 
-from conftest import REPO, SAMPLE_CSV, TINY_TRAINING, TRAINED_EPOCHS, run_generator, run_main
+from conftest import REPO, SAMPLE_CSV, TINY_TRAINING, TRAINED_EPOCHS, run_generator, run_main, slowed_main
 from kogpt2.checkpoint import load_checkpoint
 from kogpt2.data import pack, read_text_column, tokenize_rows
 
-SLOW_MAIN = f"""
-import sys, time
-sys.path.insert(0, {str(REPO)!r})
-import kogpt2.train as train
-step = train.Trainer._step
-def slow_step(self, *args):
-    time.sleep(0.03)
-    return step(self, *args)
-train.Trainer._step = slow_step
-import main
-sys.exit(main.main(sys.argv[1:]))
-"""
-
-
 def start_slow_main(*argv) -> subprocess.Popen:
     """main.py in a real separate process, each step slowed so it can be killed in the middle of training."""
-    return subprocess.Popen([sys.executable, "-c", SLOW_MAIN, *map(str, argv)], cwd=REPO,
+    return subprocess.Popen([sys.executable, "-c", slowed_main(0.03), *map(str, argv)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
