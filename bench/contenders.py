@@ -110,7 +110,7 @@ def train_ours(precision: str) -> dict:
     import torch
 
     from kogpt2.checkpoint import generation_payload, load_checkpoint, save_checkpoint
-    from kogpt2.finetune import keep_freed_memory
+    from kogpt2.runtime import keep_freed_memory
     from kogpt2.train import Trainer, TrainSettings
 
     keep_freed_memory()

@@ -36,14 +36,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def perplexity_of(args: argparse.Namespace) -> tuple[float, int]:
     from .data import load_rows, pack
-    from .finetune import pick_device, pick_precision
+    from .runtime import pick_device, pick_precision
     from .session import load_model
     from .train import evaluate
 
     device = pick_device(args.device)
     model, tokenizer, _, record = load_model(args.load_path, args.pretrained, device, "fp32")
-    trained_len = record.get("args", {}).get("max_len") if args.load_path else None
-    max_len = args.max_len or trained_len or min(256, model.config.n_positions)
+    max_len = args.max_len or record.get("args", {}).get("max_len") or min(256, model.config.n_positions)
     if max_len > model.config.n_positions:
         raise KoGPT2Error(f"--max_len {max_len} is longer than the model's {model.config.n_positions} positions")
     rows, _ = load_rows(args.data_file_path, args.column, args.encoding, tokenizer)

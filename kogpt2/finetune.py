@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
 from pathlib import Path
 
 import torch
@@ -13,41 +12,12 @@ from .distributed import World, join, leave
 from .errors import KoGPT2Error
 from .plot import plot_metrics
 from .pretrained import load_pretrained, load_pretrained_tokenizer
+from .runtime import keep_freed_memory, pick_device, pick_precision
 from .scratch import is_scratch, scratch_model
 from .train import Trainer, TrainSettings
 
 FINETUNE_LR = 3e-5  # the original's
 SCRATCH_LR = 1e-3  # a fresh small model learns nothing at a fine-tuning rate
-
-
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise KoGPT2Error(f"--device {name}: no CUDA GPU is available here; use --device cpu")
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def pick_precision(name: str, device: torch.device) -> str:
-    if name == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    return name
-
-
-def keep_freed_memory() -> None:
-    """glibc hands big freed buffers back to the OS and faults them in again every step; keeping them makes
-    CPU training steps markedly faster (see bench/README.md). A no-op where glibc is absent."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
-    libc.mallopt(M_TRIM_THRESHOLD, 16 << 30)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,9 +13,9 @@ from typing import Callable, TextIO
 
 import torch
 
-from .checkpoint import load_checkpoint, model_from_checkpoint
+from .checkpoint import is_ours, load_checkpoint, model_from_checkpoint
 from .errors import KoGPT2Error
-from .finetune import pick_device
+from .runtime import pick_device
 from .generate import SamplingSettings, TextStream, generate_ids, never_generated
 from .model import GPT
 from .pretrained import load_pretrained, load_pretrained_tokenizer
@@ -48,7 +48,7 @@ def load_model(load_path: str | None, pretrained: str, device: torch.device, dty
         if not path.is_file():
             raise KoGPT2Error(f"--load_path {path}: no such checkpoint file")
         payload = load_checkpoint(path)
-        tokenizer = None if "format_version" in payload else load_pretrained_tokenizer(pretrained)
+        tokenizer = None if is_ours(payload) else load_pretrained_tokenizer(pretrained)
         model, tokenizer = model_from_checkpoint(payload, path, tokenizer)
         source, record = str(path), {"data": payload.get("data", {}), "args": payload.get("args", {})}
     else:

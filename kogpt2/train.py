@@ -14,9 +14,9 @@ import torch
 from .checkpoint import (BEST_NAME, FORMAT_VERSION, checkpoint_name, link_checkpoint, regular_checkpoints,
                          remove_stale_temporaries, save_checkpoint, tokenizer_record)
 from .data import PackedData, epoch_order, inputs_and_targets
-from .generate import SamplingSettings, TextStream, generate_ids, never_generated
 from .distributed import World
 from .errors import KoGPT2Error
+from .generate import SamplingSettings, TextStream, generate_ids, never_generated
 from .loss import IGNORE_INDEX
 from .model import GPT, hf_state_dict
 from .tokenizer import Tokenizer
@@ -88,8 +88,8 @@ def learning_rate(step: int, settings: TrainSettings, total_steps: int) -> float
 
 
 def make_optimizer(model: GPT, settings: TrainSettings) -> torch.optim.AdamW:
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices and embeddings; not biases or norms
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = next(model.parameters()).device.type in ("cpu", "cuda")  # one kernel: ~4x faster than foreach on CPU
     return torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.999), fused=fused or None)
@@ -158,8 +158,7 @@ class Trainer:
         self.progress = Progress()
         self.save_path = Path(settings.save_path)
         self.global_batch = settings.batch_size * world.size
-        self.batches_per_epoch = math.ceil(len(train_data.blocks) / self.global_batch)
-        self.steps_per_epoch = math.ceil(self.batches_per_epoch / settings.grad_accum)
+        self.steps_per_epoch = math.ceil(math.ceil(len(train_data.blocks) / self.global_batch) / settings.grad_accum)
         self.total_steps = self.steps_per_epoch * settings.epochs
         self.last_saved_step = -1
         self.last_path: Path | None = None
