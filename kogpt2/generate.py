@@ -6,6 +6,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from .errors import KoGPT2Error
 from .model import GPT, KVCache
@@ -42,13 +43,39 @@ def never_generated(tokenizer: Tokenizer) -> list[int]:
     return sorted({tokenizer.unk_id, tokenizer.pad_id} | ({tokenizer.bos_id} - {tokenizer.eos_id}))
 
 
+def _onednn_linear():
+    """oneDNN's matmul on the model's own weights (no repacking, no copy), or None where this torch build lacks it."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._linear_pointwise.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+ONEDNN_LINEAR = _onednn_linear()
+
+
+class _LinearOnOneDNN(torch.overrides.TorchFunctionMode):
+    """Sends the model's ``F.linear`` calls to oneDNN."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.linear:
+            return func(*args, **kwargs)
+        x, weight = args[0], args[1]
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        out = ONEDNN_LINEAR(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+
 class DecodingStep:
     """Runs the model for new tokens and returns the last position's logits, on the CPU kernels that are fastest
-    for decoding (measured on the project machine, bench/README.md):
+    for decoding (measured on the project machines, bench/README.md):
 
-    - oneDNN is slower than ATen's own kernels for one-row matmuls (2x in bf16) but wins for batches, so it is
-      switched off around the steps of a single sample;
-    - in fp32 the head reads a [n_embd, vocab] copy of the embedding, 1.6x faster than the tied [vocab, n_embd].
+    - fp32: every linear layer and the head on oneDNN's matmul: whole steps 1.45x faster than through ATen's MKL
+      calls for one sample, 1.6x for eight (AMD EPYC);
+    - bf16/fp16: ATen's own kernels for one sample (oneDNN's one-row matmul is half as fast), oneDNN for batches.
     Only the last position's logits are computed, so a long prompt costs no [prompt, vocab] logits.
     """
 
@@ -56,15 +83,19 @@ class DecodingStep:
         weight = model.lm_head.weight
         cpu = weight.device.type == "cpu"
         self.model = model
-        self.head = weight.t().contiguous() if cpu and weight.dtype == torch.float32 else None
-        self.onednn = not cpu or batch > 1
+        self.fp32_onednn = cpu and weight.dtype == torch.float32 and ONEDNN_LINEAR is not None
+        self.aten_only = cpu and batch == 1 and weight.dtype != torch.float32
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        flags = nullcontext() if self.onednn else torch.backends.mkldnn.flags(
-            enabled=False, deterministic=None, allow_tf32=None, fp32_precision=None)
-        with flags:
-            hidden = self.model.hidden_states(tokens, cache=cache)[:, -1]
-            return hidden @ self.head if self.head is not None else self.model.lm_head(hidden)
+        with self._kernels():
+            return self.model.lm_head(self.model.hidden_states(tokens, cache=cache)[:, -1])
+
+    def _kernels(self):
+        if self.fp32_onednn:
+            return _LinearOnOneDNN()
+        if self.aten_only:
+            return torch.backends.mkldnn.flags(enabled=False, deterministic=None, allow_tf32=None, fp32_precision=None)
+        return nullcontext()
 
 
 @torch.no_grad()

@@ -185,3 +185,23 @@ def test_real_process_with_piped_stdin(trained):
     assert result.returncode == 0
     starts = [line.split("에", 1)[0][:1] for line in result.stdout.splitlines() if line[:1] in "하둘셋" and line]
     assert starts == ["하", "둘", "셋"]
+
+
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "plain"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decoding_step_logits_equal_the_plain_forward(monkeypatch, onednn, batch):
+    import kogpt2.generate as generate_module
+    from kogpt2.model import GPT, GPTConfig, KVCache
+
+    if not onednn:
+        monkeypatch.setattr(generate_module, "ONEDNN_LINEAR", None)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=300, n_positions=32, n_embd=48, n_layer=2, n_head=4)).eval()
+    ids = torch.randint(0, 300, (batch, 12))
+    step = generate_module.DecodingStep(model, batch)
+    cache = KVCache(model.config, batch, 32, "cpu", torch.float32)
+    with torch.no_grad():
+        want = model(ids)
+        got = [step(ids[:, :8], cache)] + [step(ids[:, i:i + 1], cache) for i in range(8, 12)]
+    for position, logits in zip(range(7, 12), got):
+        assert torch.allclose(logits, want[:, position], atol=1e-5)

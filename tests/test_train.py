@@ -197,6 +197,15 @@ def test_finished_run_says_there_is_nothing_to_do(trained, tmp_path, capsys):
     assert math.isfinite(load_checkpoint(best)["progress"]["best_val_loss"])
 
 
+@pytest.mark.parametrize("precision, tip", [("auto", True), ("bf16", False)])
+def test_cpu_with_bf16_instructions_suggests_bf16_once(tmp_path, capsys, monkeypatch, precision, tip):
+    import kogpt2.finetune
+
+    monkeypatch.setattr(kogpt2.finetune, "cpu_bf16_instructions", lambda: ["avx512_bf16"])
+    assert run_main("--epoch", 1, "--save_path", tmp_path, "--precision", precision, *TINY_TRAINING) == 0
+    assert capsys.readouterr().out.count("--precision bf16 trains about 1.8x faster") == tip
+
+
 def test_tokenized_rows_are_cached_next_to_the_csv(tmp_path, v2_tokenizer_json, monkeypatch):
     import kogpt2.data as data
     from kogpt2.tokenizer import load_tokenizer
