@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import struct
 import sys
 from pathlib import Path
@@ -53,6 +54,7 @@ def export_hf_folder(payload: dict, target: Path, half: bool) -> None:
 # ---- SentencePiece (v1, scratch) as a tokenizers BPE with the same ids -------------------------------------------------
 
 PIECE_NORMAL, PIECE_USER_DEFINED = 1, 4
+LINE_BREAK = "\ue000"  # private use: stands for "\n" while a text is normalised (a literal one would read as a line break)
 
 
 def _varint(buf: bytes, i: int) -> tuple[int, int]:
@@ -87,8 +89,9 @@ def _protobuf_fields(buf: bytes):
 
 
 def sentencepiece_as_tokenizer_json(model: bytes) -> bytes:
-    """The BPE SentencePiece model as a ``tokenizer.json`` giving the same ids: its vocabulary, merges derived from
-    the pieces' scores, its own precompiled normaliser, and line breaks as ``<unused0>`` like our encoder."""
+    """The BPE SentencePiece model as a ``tokenizer.json`` giving the same ids as our encoder: its vocabulary, merges
+    derived from the pieces' scores, its own precompiled normaliser, user-defined pieces whole wherever they appear
+    (``<usr>질문<sys>답변``), and line breaks as ``<unused0>``."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     pieces, charsmap = [], b""
@@ -112,16 +115,33 @@ def sentencepiece_as_tokenizer_json(model: bytes) -> bytes:
         pairs = [(text[:k], text[k:]) for k in range(1, len(text)) if text[:k] in vocab and text[k:] in vocab]
         merges.extend((piece.get("score", 0.0), vocab[a], vocab[b], a, b) for a, b in pairs)
     merges.sort(key=lambda m: (-m[0], m[1], m[2]))
+    newline = NEWLINE_V1 if NEWLINE_V1 in vocab else ""
+    atomic = [p["piece"] for p in pieces if p["type"] == PIECE_USER_DEFINED or p["piece"] == newline]
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for *_, a, b in merges], unk_token="<unk>",
                                      fuse_unk=True))
-    steps = [normalizers.Replace(Regex("[ \t]*\n[ \t]*"), NEWLINE_V1)]
+    # Each line as sentencepiece normalises it (charsmap, spaces collapsed and trimmed, "▁" before a non-empty line
+    # and for each space), lines joined by <unused0>; a private-use character stands for the line break meanwhile.
+    # User-defined pieces are added tokens found in the normalised text, so "<usr>질문" gives "▁", "<usr>", "질문"
+    # as sentencepiece does; tokenizers normalises their own text too, which must stay bare: hence the last rule
+    # (the one difference left: a text that is nothing but one such piece gets no "▁" before it).
+    steps = [normalizers.Replace("\n", LINE_BREAK)]
     if charsmap:
         steps.append(normalizers.Precompiled(charsmap))
-    steps += [normalizers.Replace(Regex(" {2,}"), " "), normalizers.Strip()]
+    steps += [normalizers.Replace(Regex(" {2,}"), " "),
+              normalizers.Replace(Regex(f" *{LINE_BREAK} *"), LINE_BREAK),
+              normalizers.Strip(),
+              normalizers.Replace(Regex(f"{LINE_BREAK}(?=[^{LINE_BREAK}])"), LINE_BREAK + " "),
+              normalizers.Prepend("▁"),
+              normalizers.Replace(Regex(f"\\A▁{LINE_BREAK}"), LINE_BREAK),
+              normalizers.Replace(" ", "▁"),
+              normalizers.Replace(LINE_BREAK, newline)]
+    if atomic:
+        alternation = "|".join(re.escape(piece) for piece in sorted(atomic, key=len, reverse=True))
+        steps.append(normalizers.Replace(Regex(f"\\A▁(?=(?:{alternation})\\z)"), ""))
     tokenizer.normalizer = normalizers.Sequence(steps)
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    tokenizer.add_tokens([AddedToken(piece, normalized=True) for piece in atomic])
     tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    tokenizer.add_tokens([AddedToken(p["piece"], normalized=True) for p in pieces if p["type"] == PIECE_USER_DEFINED])
     return tokenizer.to_str().encode("utf-8")
 
 

@@ -175,7 +175,8 @@ def test_v1_export_keeps_every_id_and_the_exact_gelu(v1_release, tmp_path):
     assert hf_model.config.activation_function == "gelu"
     with SAMPLE_CSV.open(encoding="utf-8") as f:
         texts = [row["sent"] for row in csv_module.DictReader(f)]
-    texts += ["가나 😀😀 다\n\n라  마 ㅋㅋ ABC 123 龘", "  앞뒤 공백  ", "탭\t문자", "첫 줄 \n 둘째", "\n시작", "ＡＢＣ １２３"]
+    texts += ["가나 😀😀 다\n\n라  마 ㅋㅋ ABC 123 龘", "  앞뒤 공백  ", "탭\t문자", "첫 줄 \n 둘째", "\n시작", "ＡＢＣ １２３",
+              "<usr>오늘 뭐 해?<sys>집에서 쉬어요", "질문<usr>\n<sys> 답"]
     for text in texts:
         assert hf_tokenizer.encode(text) == tokenizer.encode(text), text
     assert hf_tokenizer.pad_token_id == tokenizer.pad_id == 3

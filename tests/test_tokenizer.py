@@ -103,3 +103,29 @@ def test_not_a_tokenizer_file_is_a_clear_error(tmp_path):
         load_tokenizer(bad)
     with pytest.raises(KoGPT2Error, match="cannot read tokenizer file"):
         load_tokenizer(tmp_path / "missing.json")
+
+
+def test_v1_as_tokenizer_json_gives_our_ids_for_chat_markup_lines_and_every_piece(v1):
+    """The exported tokenizer.json (export to transformers) must give the ids training used, including KoGPT2's
+    chat markup <usr>/<sys> written into the text, line breaks, and each piece of the vocabulary as a word."""
+    import random
+
+    from tokenizers import Tokenizer
+
+    from kogpt2.export import sentencepiece_as_tokenizer_json
+
+    converted = Tokenizer.from_str(sentencepiece_as_tokenizer_json(v1.data).decode("utf-8"))
+    pieces = [v1.id_to_piece(i) for i in range(v1.vocab_size)]
+    words = [p.replace("▁", " ") for p in pieces if not p.startswith("<")]
+    random.seed(0)
+    fragments = ["<usr>", "<sys>", "<unused0>", "<unused7>", "\n", "\r\n", " ", "  ", "\t", "\u3000", "가", "나다", "😀",
+                 "A", "ab", ".", "<", ">", "ＡＢ"]
+    texts = (sample_texts() + words + ["<usr>" + w for w in words[::25]]
+             + ["<usr>오늘 뭐 해?<sys>집에서 쉬어요", "안녕<usr>하세요", "x\n<usr>y", "\n시작", "끝\n", "a\n  \n b"]
+             + ["".join(random.choices(fragments, k=random.randint(0, 12))) for _ in range(3000)])
+    lone_piece = {p for p in pieces if p.startswith("<unused") or p in ("<usr>", "<sys>")}
+    checked = [t for t in texts if t.strip(" \t\r\n\u3000") not in lone_piece]  # the one documented difference
+    assert len(checked) > 50_000
+    wrong = [t for t, got, want in zip(checked, converted.encode_batch(checked), v1.encode_batch(checked))
+             if got.ids != want]
+    assert not wrong, (len(wrong), wrong[:5])
