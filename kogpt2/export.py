@@ -91,7 +91,7 @@ def _protobuf_fields(buf: bytes):
 def sentencepiece_as_tokenizer_json(model: bytes) -> bytes:
     """The BPE SentencePiece model as a ``tokenizer.json`` giving the same ids as our encoder: its vocabulary, merges
     derived from the pieces' scores, its own precompiled normaliser, user-defined pieces whole wherever they appear
-    (``<usr>질문<sys>답변``), and line breaks as ``<unused0>``."""
+    (``<usr>질문<sys>답변``), and line breaks as ``<unused0>``; it decodes to the same text as our decoder."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     pieces, charsmap = [], b""
@@ -141,7 +141,10 @@ def sentencepiece_as_tokenizer_json(model: bytes) -> bytes:
     tokenizer.normalizer = normalizers.Sequence(steps)
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
     tokenizer.add_tokens([AddedToken(piece, normalized=True) for piece in atomic])
-    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    # decode like ours: "▁" as spaces, <unused0> as a line break, and no space at the start of a line
+    line_breaks = [decoders.Replace(f"{newline} ", "\n"), decoders.Replace(newline, "\n")] if newline else []
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), *line_breaks,
+                                           decoders.Strip(" ", 1, 0)])
     return tokenizer.to_str().encode("utf-8")
 
 

@@ -107,7 +107,8 @@ def test_not_a_tokenizer_file_is_a_clear_error(tmp_path):
 
 def test_v1_as_tokenizer_json_gives_our_ids_for_chat_markup_lines_and_every_piece(v1):
     """The exported tokenizer.json (export to transformers) must give the ids training used, including KoGPT2's
-    chat markup <usr>/<sys> written into the text, line breaks, and each piece of the vocabulary as a word."""
+    chat markup <usr>/<sys> written into the text, line breaks, and each piece of the vocabulary as a word; and
+    read back the same text."""
     import random
 
     from tokenizers import Tokenizer
@@ -129,3 +130,5 @@ def test_v1_as_tokenizer_json_gives_our_ids_for_chat_markup_lines_and_every_piec
     wrong = [t for t, got, want in zip(checked, converted.encode_batch(checked), v1.encode_batch(checked))
              if got.ids != want]
     assert not wrong, (len(wrong), wrong[:5])
+    readable = [v1.encode(t) for t in sample_texts() + texts[-3006:-3000]]
+    assert converted.decode_batch(readable) == [v1.decode(ids) for ids in readable]
