@@ -133,9 +133,10 @@ def tokenize_rows(texts: list[str], tokenizer: Tokenizer, chunk: int = 20_000) -
 
 
 def load_rows(path: str | Path, column: str, encoding: str | None, tokenizer: Tokenizer,
-              cache: bool = True) -> tuple[TokenizedRows, TextColumn]:
+              cache: bool = True, parsed: TextColumn | None = None) -> tuple[TokenizedRows, TextColumn]:
     """Token ids of a CSV column, cached next to the CSV under a key of the file's bytes and the tokenizer, so the
-    next run on the same data skips parsing and tokenising (seconds instead of a minute for a million rows)."""
+    next run on the same data skips parsing and tokenising (seconds instead of a minute for a million rows).
+    ``parsed``: the column already read from this file (a scratch run reads it first to learn its tokenizer)."""
     path = Path(path)
     raw = _read_bytes(path)
     content = hashlib.sha256(raw).hexdigest()
@@ -149,7 +150,8 @@ def load_rows(path: str | Path, column: str, encoding: str | None, tokenizer: To
                 return TokenizedRows(stored["ids"], stored["offsets"]), info
         except Exception:  # a damaged cache is only a cache: rebuild it
             cached.unlink(missing_ok=True)
-    column_data = _parse(raw, path, column, encoding)
+    same_file = parsed is not None and parsed.sha256 == content
+    column_data = parsed if same_file else _parse(raw, path, column, encoding)
     rows = tokenize_rows(column_data.texts, tokenizer)
     if cache:
         for stale in path.parent.glob(f".{glob.escape(path.name)}.*.kogpt2cache.npz"):  # of an older version of the file

@@ -41,7 +41,7 @@ def _run(args: argparse.Namespace, world: World, device_name: str) -> int:
     precision = pick_precision(args.precision, device)
     for csv_path in filter(None, (args.data_file_path, args.val_file)):  # before any model is loaded or downloaded
         check_header(csv_path, args.column, args.encoding)
-    resume = None
+    resume, column = None, None
     load_path = Path(args.load_path) if args.load_path else None
     if load_path is not None and load_path.is_dir():  # the newest checkpoint in it: what an elastic restart wants
         folder, load_path = load_path, newest_checkpoint(load_path)
@@ -75,7 +75,7 @@ def _run(args: argparse.Namespace, world: World, device_name: str) -> int:
     max_len = args.max_len or min(256, model.config.n_positions)
     if max_len > model.config.n_positions:
         raise KoGPT2Error(f"--max_len {max_len} is longer than the model's {model.config.n_positions} positions")
-    rows, data = load_rows(args.data_file_path, args.column, args.encoding, tokenizer)
+    rows, data = load_rows(args.data_file_path, args.column, args.encoding, tokenizer, parsed=column)
     if args.val_file:
         val_rows, _ = load_rows(args.val_file, args.column, args.encoding, tokenizer)
         train_data, val_data = pack(rows, max_len, tokenizer.pad_id), pack(val_rows, max_len, tokenizer.pad_id)

@@ -27,7 +27,7 @@ class PretrainedFiles:
 
     name: str
     config: GPTConfig | None  # None: inferred from the weights (v1 ships no config)
-    weights: Path
+    weights: Path | None  # None: not fetched (only the tokenizer was asked for)
     tokenizer: Path
 
 
@@ -48,7 +48,7 @@ def load_pretrained(source: str = DEFAULT_PRETRAINED, device: str | torch.device
 
 def load_pretrained_tokenizer(source: str) -> Tokenizer:
     """Only the tokenizer of a release (a 2020 checkpoint brings its own weights)."""
-    return load_tokenizer(locate(source).tokenizer)
+    return load_tokenizer(locate(source, with_weights=False).tokenizer)
 
 
 def check_vocab(vocab_size: int, tokenizer: Tokenizer, name: str) -> None:
@@ -58,12 +58,13 @@ def check_vocab(vocab_size: int, tokenizer: Tokenizer, name: str) -> None:
             "(v1 weights need the v1 SentencePiece tokenizer, v2 weights the v2 tokenizer.json)")
 
 
-def locate(source: str) -> PretrainedFiles:
+def locate(source: str, with_weights: bool = True) -> PretrainedFiles:
+    """The release's files; from the hub, ``with_weights=False`` leaves the 500 MB of weights undownloaded."""
     path = Path(source).expanduser()
     if path.is_dir():
         return _local_directory(path)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not source.startswith((".", "/")):
-        return _hub(source)
+        return _hub(source, with_weights)
     raise KoGPT2Error(
         f"--pretrained {source}: no such directory, and not a Hugging Face hub id (owner/name). "
         f"Give {DEFAULT_PRETRAINED}, a directory with config.json + weights + tokenizer.json, or a directory with "
@@ -143,7 +144,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _hub(repo_id: str) -> PretrainedFiles:
+def _hub(repo_id: str, with_weights: bool) -> PretrainedFiles:
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -156,13 +157,13 @@ def _hub(repo_id: str) -> PretrainedFiles:
         config = fetch("config.json")
         tokenizer = fetch("tokenizer.json")
         weights = None
-        for name in HF_WEIGHTS:  # whichever the repository has (EntryNotFound covers "not in the cache" too)
+        for name in HF_WEIGHTS if with_weights else ():  # whichever the repository has (EntryNotFound: "not cached" too)
             try:
                 weights = fetch(name)
                 break
             except EntryNotFoundError:
                 continue
-        if weights is None:
+        if weights is None and with_weights:
             raise LocalEntryNotFoundError(f"no {' or '.join(HF_WEIGHTS)}")
     except RepositoryNotFoundError:
         raise KoGPT2Error(f"{repo_id} is not a model repository on the Hugging Face hub") from None

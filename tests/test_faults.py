@@ -233,15 +233,17 @@ def hub_files(tmp_path, v2_tokenizer_json):
     return folder
 
 
-def load_from_hub(hub_url, hf_home, offline=False):
+def load_from_hub(hub_url, hf_home, offline=False, tokenizer_only=False):
     env = {**os.environ, "HF_ENDPOINT": hub_url, "HF_HOME": str(hf_home), "PYTHONPATH": str(REPO),
            "HF_HUB_DISABLE_XET": "1"}
     env.pop("HF_HUB_OFFLINE", None)
     if offline:
         env["HF_HUB_OFFLINE"] = "1"
-    code = ("import sys\nfrom kogpt2 import KoGPT2Error, load_pretrained\ntry:\n    model, _ = load_pretrained("
-            "'skt/kogpt2-base-v2')\nexcept KoGPT2Error as e:\n    print(e, file=sys.stderr); sys.exit(2)\n"
-            "print(model.config.n_embd, model.num_parameters())")
+    load = ("from kogpt2.pretrained import load_pretrained_tokenizer\n    print(load_pretrained_tokenizer("
+            "'skt/kogpt2-base-v2').vocab_size)" if tokenizer_only else "model, _ = load_pretrained('skt/kogpt2-base-v2')"
+            "\n    print(model.config.n_embd, model.num_parameters())")
+    code = (f"import sys\nfrom kogpt2 import KoGPT2Error, load_pretrained\ntry:\n    {load}\n"
+            "except KoGPT2Error as e:\n    print(e, file=sys.stderr); sys.exit(2)\n")
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -261,6 +263,20 @@ def test_cut_download_resumes(hub_files, tmp_path):
     assert result.returncode == 0, result.stderr
     assert any("bytes=" in r for r in requests)  # the second request asked only for the rest
     assert result.stdout.split()[0] == "128"
+
+
+def test_tokenizer_alone_downloads_no_weights(hub_files, tmp_path):
+    """A 2020 checkpoint brings its weights; only the release's tokenizer is fetched for it."""
+    from fake_hub import FakeHub
+
+    hub = FakeHub("skt/kogpt2-base-v2", hub_files)
+    try:
+        result = load_from_hub(hub.url, tmp_path / "hf", tokenizer_only=True)
+    finally:
+        hub.close()
+    assert result.returncode == 0 and result.stdout.split() == ["51200"], result.stderr
+    assert any("tokenizer.json" in r for r in hub.requests)
+    assert not any("pytorch_model" in r or "safetensors" in r for r in hub.requests)
 
 
 def test_download_that_keeps_failing_is_never_loaded_as_complete(hub_files, tmp_path):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, SAMPLE_CSV
+from conftest import REPO, SAMPLE_CSV, TINY_TRAINING, run_main
 from kogpt2.checkpoint import load_checkpoint, model_from_checkpoint
 from kogpt2.errors import KoGPT2Error
 from kogpt2.scratch import scratch_size, train_tokenizer, vocab_size_for
@@ -67,6 +67,24 @@ def quickstart_commands() -> list[str]:
 
 
 @pytest.mark.slow
+def test_first_scratch_run_parses_the_csv_once(tmp_path, monkeypatch):
+    """The tokenizer is learnt from the rows training then uses: one read of a big CSV, not two."""
+    import kogpt2.data
+
+    parse, full_parses = kogpt2.data._parse, []
+
+    def counting_parse(raw, path, *args, header_only=False):
+        if not header_only:
+            full_parses.append(path)
+        return parse(raw, path, *args, header_only=header_only)
+
+    monkeypatch.setattr(kogpt2.data, "_parse", counting_parse)
+    csv_path = tmp_path / "fresh.csv"  # no token cache next to it yet
+    shutil.copy(SAMPLE_CSV, csv_path)
+    assert run_main("--epoch", 1, "--data_file_path", csv_path, "--save_path", tmp_path / "run", *TINY_TRAINING) == 0
+    assert full_parses == [csv_path]
+
+
 def test_readme_quickstart_runs_offline_in_a_clean_checkout(tmp_path):
     checkout = tmp_path / "checkout"
     shutil.copytree(REPO, checkout, ignore=shutil.ignore_patterns(".git", "checkpoint", "__pycache__", ".pytest_cache"))
