@@ -5,6 +5,7 @@ Nothing here when ``WORLD_SIZE`` is absent: a plain ``python main.py`` is a worl
 """
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -96,5 +97,9 @@ def _store(world: World) -> dist.Store:
 
 
 def leave(world: World) -> None:
+    """Free what still holds the process group (the trainer, with its DistributedDataParallel wrapper, sits in a
+    reference cycle) while the interpreter is whole, then destroy the group: freed only at interpreter exit, it
+    made Gloo abort the process ("terminate called without an active exception") in about 1 of 10 elastic runs."""
     if world.active and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()

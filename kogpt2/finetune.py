@@ -23,7 +23,9 @@ SCRATCH_LR = 1e-3  # a fresh small model learns nothing at a fine-tuning rate
 def run(args: argparse.Namespace) -> int:
     world, device_name = join(args.device)
     try:
-        return _run(args, world, device_name)
+        code = _run(args, world, device_name)
+        world.barrier()  # no rank tears down its connections while another still writes the last checkpoint
+        return code
     finally:
         leave(world)
 
