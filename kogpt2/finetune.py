@@ -102,9 +102,10 @@ def _run(args: argparse.Namespace, world: World, device_name: str) -> int:
         f"{train_data.tokens} training tokens in {len(train_data.blocks)} blocks of {max_len}"
         + (f"; {train_data.rows_split} rows longer than {max_len} tokens split over blocks" if train_data.rows_split else ""))
     processes = f" x {world.size} processes = {trainer.global_batch}" if world.active else ""
-    if device.type == "cpu" and precision == "fp32" and cpu_bf16_instructions():
-        say(f"tip: this CPU has bf16 instructions ({', '.join(cpu_bf16_instructions())}): --precision bf16 trains about "
-            f"1.8x faster here with the same loss (bench/README.md)")
+    bf16_instructions = cpu_bf16_instructions() if device.type == "cpu" and precision == "fp32" else []
+    if bf16_instructions:
+        say(f"tip: this CPU has bf16 instructions ({', '.join(bf16_instructions)}): --precision bf16 trains about "
+            "1.8x faster on such CPUs with the same loss (bench/README.md)")
     say(f"training: {settings.epochs} epochs x {trainer.steps_per_epoch} steps (batch {settings.batch_size}{processes} x "
         f"accumulation {settings.grad_accum}) on {device}, {precision}; checkpoints in {settings.save_path}")
     if trainer.progress.epoch >= settings.epochs:
