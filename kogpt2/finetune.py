@@ -23,9 +23,7 @@ SCRATCH_LR = 1e-3  # a fresh small model learns nothing at a fine-tuning rate
 def run(args: argparse.Namespace) -> int:
     world, device_name = join(args.device)
     try:
-        code = _run(args, world, device_name)
-        world.barrier()  # no rank tears down its connections while another still writes the last checkpoint
-        return code
+        return _run(args, world, device_name)
     finally:
         leave(world)
 
