@@ -1,56 +1,69 @@
-"""Fine-tune KoGPT2 on the text column of a CSV, with resumable checkpoints.
+"""Fine-tune KoGPT2 on the text column of a CSV (or its question/answer pairs, --chat), with resumable checkpoints.
 
-    python main.py --epoch 5 --data_file_path data/sample.csv --save_path checkpoint/ \
-        --load_path checkpoint/KoGPT2_checkpoint_100.tar
+    python main.py --epoch 5 --data_file_path data/sample.csv --save_path checkpoint/
+    python main.py --epoch 8 --data_file_path data/sample.csv --save_path checkpoint/ --load_path checkpoint/
 """
 import argparse
 import sys
 
+from kogpt2 import defaults
+from kogpt2.arguments import HelpFormatter, device, given_flags, integer, number
 from kogpt2.scratch import DEFAULT_SIZE, SIZES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description="KoGPT2 파인튜닝 / fine-tune KoGPT2 on the text column of a CSV.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--epoch", type=int, default=5, help="total epochs of the run (a resume continues up to this)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(description="KoGPT2 파인튜닝 / fine-tune KoGPT2 on the text column of a CSV.",
+                                formatter_class=HelpFormatter)
+    p.add_argument("--epoch", type=integer(1), default=defaults.EPOCHS,
+                   help="total epochs of the run (a resume continues up to this)")
     p.add_argument("--data_file_path", default="data/sample.csv", help="training CSV (columns score,genre,sent)")
-    p.add_argument("--save_path", default="checkpoint/", help="folder for checkpoints and metrics.jsonl")
+    p.add_argument("--save_path", default=defaults.SAVE_PATH, help="folder for checkpoints and metrics.jsonl")
     p.add_argument("--load_path", default=None,
                    help="checkpoint to continue from (a folder: its newest checkpoint); if there is none, start from "
                         "--pretrained")
-    p.add_argument("--batch_size", type=int, default=4, help="blocks per batch")
+    p.add_argument("--batch_size", type=integer(1), default=defaults.BATCH_SIZE, help="blocks per batch")
     p.add_argument("--samples", default=None, help="folder where the samples printed during training are saved")
-    p.add_argument("--pretrained", default="skt/kogpt2-base-v2",
-                   help="hub id, a folder (config.json + weights + tokenizer.json, or v1 *.params + *.spiece), or "
+    p.add_argument("--pretrained", default=defaults.PRETRAINED,
+                   help=f"model to start from (default: {defaults.PRETRAINED}): a hub id, a folder (config.json + "
+                        "weights + tokenizer.json, or v1 *.params + *.spiece), a .tar this tool wrote, or "
                         f"scratch[:SIZE] to learn a tokenizer and a fresh GPT-2 from the CSV alone; sizes: "
-                        f"{', '.join(SIZES)} (default {DEFAULT_SIZE})")
-    p.add_argument("--vocab_size", type=int, default=None, help="tokenizer size for --pretrained scratch (default: from the amount of text)")
-    p.add_argument("--dropout", type=float, default=None, help="dropout rate while fine-tuning (default: the model's)")
-    p.add_argument("--column", default="sent", help="CSV column holding the text")
-    p.add_argument("--encoding", default=None, help="CSV encoding (default: detect UTF-8, UTF-8 with BOM, CP949/EUC-KR)")
-    p.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate of AdamW (default: 3e-5 as the original; 1e-3 for --pretrained scratch)")
-    p.add_argument("--warmup", type=int, default=-1, help="warmup steps (-1: 5%% of the run)")
-    p.add_argument("--max_len", type=int, default=None, help="tokens per training block (default: 256 or the model's context)")
-    p.add_argument("--grad_accum", type=int, default=1, help="batches per optimizer step")
-    p.add_argument("--val_ratio", type=float, default=0.1, help="share of rows held out for validation")
+                        f"{', '.join(SIZES)} (scratch alone: {DEFAULT_SIZE})")
+    p.add_argument("--vocab_size", type=integer(100), default=None,
+                   help="tokenizer size for --pretrained scratch (default: from the amount of text)")
+    p.add_argument("--dropout", type=number(0, 0.99), default=None,
+                   help="dropout rate while fine-tuning, in [0, 0.99] (default: the model's)")
+    p.add_argument("--column", default=defaults.TEXT_COLUMN, help="CSV column holding the text")
+    p.add_argument("--chat", action="store_true",
+                   help="train a chatbot on question/answer rows (ChatbotData.csv: Q,A,label), KoGPT2-chatbot layout")
+    p.add_argument("--question_column", default=defaults.QUESTION_COLUMN, help="with --chat: the questions' column")
+    p.add_argument("--answer_column", default=defaults.ANSWER_COLUMN, help="with --chat: the answers' column")
+    p.add_argument("--encoding", default=None,
+                   help="CSV encoding (default: detect UTF-8 with or without BOM, CP949/EUC-KR)")
+    p.add_argument("--no_cache", action="store_true",
+                   help="do not read or write the token cache (.NAME.kogpt2cache.npz next to the CSV)")
+    p.add_argument("--lr", type=number(above=0), default=None,
+                   help=f"peak learning rate of AdamW (default: {defaults.FINETUNE_LR} as the original; "
+                        f"{defaults.SCRATCH_LR} for --pretrained scratch)")
+    p.add_argument("--warmup", type=integer(-1), default=-1, help="warmup steps (-1: 5%% of the run)")
+    p.add_argument("--max_len", type=integer(8), default=None,
+                   help=f"tokens per training block (default: {defaults.MAX_LEN} or the model's context)")
+    p.add_argument("--grad_accum", type=integer(1), default=1, help="batches per optimizer step")
+    p.add_argument("--val_ratio", type=number(0, 0.9), default=0.1, help="share of rows held out for validation")
     p.add_argument("--val_file", default=None, help="validation CSV instead of --val_ratio")
-    p.add_argument("--eval_every", type=int, default=0, help="evaluate every N steps (0: at each epoch end)")
-    p.add_argument("--save_every", type=int, default=500, help="write a checkpoint every N steps (and at epoch ends)")
-    p.add_argument("--keep_last", type=int, default=3, help="regular checkpoints kept on disk (0: all)")
-    p.add_argument("--patience", type=int, default=0, help="stop after N evaluations without a better validation loss (0: off)")
+    p.add_argument("--eval_every", type=integer(0), default=0, help="evaluate every N steps (0: at each epoch end)")
+    p.add_argument("--save_every", type=integer(1), default=500,
+                   help="write a checkpoint every N steps (and at epoch ends)")
+    p.add_argument("--keep_last", type=integer(0), default=3, help="regular checkpoints kept on disk (0: all)")
+    p.add_argument("--patience", type=integer(0), default=0,
+                   help="stop after N evaluations without a better validation loss (0: off)")
     p.add_argument("--tensorboard", action="store_true", help="also log to SAVE_PATH/tensorboard (needs tensorboard)")
-    p.add_argument("--seed", type=int, default=42, help="random seed: same arguments and seed give the same run")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, mps")
+    p.add_argument("--seed", type=integer(0), default=42, help="random seed: same arguments and seed give the same run")
+    p.add_argument("--device", type=device, default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 autocast on capable GPUs, fp32 otherwise")
     args = p.parse_args(argv)
-    for name in ("epoch", "batch_size", "grad_accum", "save_every"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
-    if not 0 <= args.val_ratio < 1:
-        p.error("--val_ratio must be in [0, 1)")
+    args.given = given_flags(p, argv)
     return args
 
 

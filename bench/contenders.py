@@ -40,7 +40,8 @@ def sample_texts() -> list[str]:
 
 
 def packed_blocks(tok):
-    from kogpt2.data import pack, tokenize_rows
+    from kogpt2.data import tokenize_rows
+    from kogpt2.packing import pack
 
     return pack(tokenize_rows(sample_texts(), tok), BLOCK, tok.pad_id)
 
@@ -118,7 +119,7 @@ def train_ours(precision: str) -> dict:
     data = packed_blocks(tok)
     with tempfile.TemporaryDirectory() as folder:
         trainer = Trainer(our_model(torch), tok, data, None, TrainSettings(save_path=folder, batch_size=BATCH,
-                          precision=precision, lr=3e-5, warmup=0), record={})
+                          precision=precision, lr=3e-5, warmup=0), source={})
         trainer.model.train()
         losses, tokens = [], 0
         for i in range(TRAIN_STEPS + WARMUP_STEPS):
@@ -187,8 +188,9 @@ def gen_ours(dtype: str = "fp32", num_samples: int = 1) -> dict:
     """The product's generation path: KV cache, sampling filters and streaming decode of every sample."""
     import torch
 
-    from kogpt2.generate import SamplingSettings, TextStream, generate_ids, never_generated
-    from kogpt2.session import DTYPES
+    from kogpt2.defaults import SamplingSettings
+    from kogpt2.generate import TextStream, generate_ids, never_generated
+    from kogpt2.loading import DTYPES
 
     tok = tokenizer()
     model = our_model(torch).to(DTYPES[dtype]).eval()
@@ -223,11 +225,12 @@ def big_csv(path: Path, rows: int = 1_000_000) -> None:
 
 def data_load(csv_path: str) -> dict:
     """Read, tokenise and pack a CSV (the cache next to it is used if present)."""
-    from kogpt2.data import load_rows, pack
+    from kogpt2.data import CsvColumn
+    from kogpt2.packing import pack
 
     start = time.perf_counter()
     tok = tokenizer()
-    rows, _ = load_rows(csv_path, "sent", None, tok)
+    rows = CsvColumn(csv_path).token_rows(tok)
     packed = pack(rows, BLOCK, tok.pad_id)
     return {"seconds": time.perf_counter() - start, "peak_rss_gib": peak_rss_gib(), "rows": len(rows),
             "blocks": len(packed.blocks)}

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kogpt2.loss as loss_module  # noqa: E402
-from kogpt2.data import PackedData  # noqa: E402
+from kogpt2.packing import PackedData  # noqa: E402
 from kogpt2.model import GPT, GPTConfig  # noqa: E402
 from kogpt2.train import Trainer, TrainSettings  # noqa: E402
 
@@ -64,7 +64,7 @@ def measure(variant: Variant, config: GPTConfig, device: str, batch: int, block:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     with tempfile.TemporaryDirectory() as folder:
         trainer = Trainer(model, _Tokenizer(), data, None,
-                          TrainSettings(save_path=folder, batch_size=batch, precision="bf16", warmup=0), record={})
+                          TrainSettings(save_path=folder, batch_size=batch, precision="bf16", warmup=0), source={})
         if variant.compile:
             trainer.forward_model = torch.compile(model)
         model.train()

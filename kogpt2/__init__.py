@@ -6,8 +6,9 @@ from importlib import import_module
 
 from .errors import KoGPT2Error
 
-_LAZY = {"GPT": ".model", "GPTConfig": ".model", "load_pretrained": ".pretrained", "Tokenizer": ".tokenizer"}
-__all__ = ["GPT", "GPTConfig", "KoGPT2Error", "Tokenizer", "load_pretrained"]
+_LAZY = {"GPT": ".model", "GPTConfig": ".model", "load_pretrained": ".loading", "open_model": ".loading",
+         "TextSampler": ".generate", "Tokenizer": ".tokenizer"}
+__all__ = ["GPT", "GPTConfig", "KoGPT2Error", "TextSampler", "Tokenizer", "load_pretrained", "open_model"]
 
 
 def __getattr__(name: str):

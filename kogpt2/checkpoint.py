@@ -1,4 +1,10 @@
-"""Self-contained, atomic ``.tar`` checkpoints that load with ``weights_only=True`` (no code can run from them)."""
+"""The ``.tar`` checkpoint format, owned here alone: writing it atomically, rotating old ones, reading it back with
+``weights_only=True`` (no code can run from it), and a typed record of what readers need.
+
+Keys (docs/ARCHITECTURE.md lists them with their types): ``model_state_dict``, ``optimizer_state_dict``, ``epoch``,
+``train_no`` and ``loss`` as in 2020 checkpoints; ``format_version``, ``config``, ``tokenizer``, ``progress``,
+``schedule``, ``settings``, ``rng``, ``scaler``, ``data_fingerprint``, ``data``, ``pretrained``, ``mode`` and
+``args`` are ours."""
 from __future__ import annotations
 
 import errno
@@ -7,12 +13,12 @@ import pickle
 import re
 import tempfile
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .errors import KoGPT2Error
-from .model import GPT, GPTConfig, infer_config, load_hf_state_dict
 from .tokenizer import Tokenizer, tokenizer_from_bytes
 
 FORMAT_VERSION = 1
@@ -69,16 +75,35 @@ def link_checkpoint(source: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
-def verify_archive(path: Path) -> None:
+PICKLE_START = b"\x80"  # the pre-1.6 torch format is a bare pickle: protocol 2+ starts with 0x80
+
+
+def verify_archive(path: Path, what: str = "checkpoint") -> None:
     """``torch.load`` does not check the zip's CRC-32s, so a flipped bit would load as wrong weights: check them.
     (The pre-1.6 torch format, which 2020 checkpoints may use, has no checksums; torch.load judges it alone.)"""
+    path = Path(path)
+    if path.is_dir():
+        raise KoGPT2Error(f"{path} is a folder, not a {what} file")
+    try:
+        with path.open("rb") as file:
+            start = file.read(4)
+    except FileNotFoundError:
+        raise KoGPT2Error(f"{path}: no such {what}") from None
+    except OSError as error:
+        raise KoGPT2Error(f"{path}: cannot read ({error.strerror})") from None
     if not zipfile.is_zipfile(path):
+        if start.startswith(b"PK"):
+            raise KoGPT2Error(f"{path} is truncated or corrupt (its archive is incomplete, e.g. a copy or download "
+                              f"cut short); use an earlier {what} or copy it again")
+        if not start.startswith(PICKLE_START):
+            raise KoGPT2Error(f"{path} is not a {what} file (not a PyTorch archive); give a .tar written by main.py")
         return
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError) as error:
-        raise KoGPT2Error(f"{path} is not a usable checkpoint (truncated or corrupt: {error})") from None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError):
+        raise KoGPT2Error(f"{path} is truncated or corrupt (its archive cannot be read); use an earlier {what} "
+                          "or copy it again") from None
     if bad is not None:
         raise KoGPT2Error(f"{path} is corrupt ({bad} fails its checksum); use an earlier checkpoint")
 
@@ -101,9 +126,9 @@ def load_tensors_only(path: Path, what: str):
             raise KoGPT2Error(f"{path} is refused: loading it would call {called.group(1)} (a pickle that can run code, "
                               f"or a damaged file); only plain tensors and data are loaded") from None
         raise KoGPT2Error(f"{path} is not a usable {what} (truncated or corrupt)") from None
-    except Exception as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
-        raise KoGPT2Error(f"{path} is not a usable {what} (truncated or corrupt: {reason})") from None
+    except Exception:
+        raise KoGPT2Error(f"{path} is not a usable {what} (truncated or corrupt); use an earlier one or copy it "
+                          "again") from None
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -113,6 +138,8 @@ def load_checkpoint(path: str | Path) -> dict:
     payload = load_tensors_only(path, "checkpoint")
     if not isinstance(payload, dict) or "model_state_dict" not in payload:
         raise KoGPT2Error(f"{path} is not a KoGPT2 checkpoint (no model_state_dict)")
+    if payload.get("format_version", 0) > FORMAT_VERSION:
+        raise KoGPT2Error(f"{path} was written by a newer kogpt2-finetune (format {payload['format_version']}); update")
     return payload
 
 
@@ -121,39 +148,96 @@ def is_ours(payload: dict) -> bool:
     return "format_version" in payload
 
 
-def model_from_checkpoint(payload: dict, path: str | Path, tokenizer: Tokenizer | None = None) -> tuple[GPT, Tokenizer]:
-    """The model and tokenizer a checkpoint holds. A 2020 checkpoint has no tokenizer: ``tokenizer`` (v1) is used."""
-    state = payload["model_state_dict"]
-    if is_ours(payload):
-        if payload["format_version"] > FORMAT_VERSION:
-            raise KoGPT2Error(f"{path} was written by a newer kogpt2-finetune (format {payload['format_version']}); update")
-        config = GPTConfig.from_dict(payload["config"])
-        record = payload["tokenizer"]
-        tokenizer = tokenizer_from_bytes(record["kind"], record["data"].numpy().tobytes())
-    else:
-        if tokenizer is None:
-            raise KoGPT2Error(f"{path} is a 2020-format checkpoint with no tokenizer inside; "
-                              "give the v1 files with --pretrained DIR (*.params + *.spiece)")
-        try:
-            config = infer_config(state, activation="gelu")
-        except KeyError as error:
-            raise KoGPT2Error(f"{path}: model_state_dict lacks {error}") from None
-    if config.vocab_size != tokenizer.vocab_size:
-        raise KoGPT2Error(f"{path}: the checkpoint's vocabulary has {config.vocab_size} tokens but the tokenizer has "
-                          f"{tokenizer.vocab_size} (v1 weights need the v1 tokenizer, v2 weights the v2 one)")
-    model = GPT(config)
-    try:
-        load_hf_state_dict(model, state)
-    except KoGPT2Error as error:
-        raise KoGPT2Error(f"{path}: {error}") from None
-    return model, tokenizer
+def tokenizer_of(payload: dict) -> Tokenizer | None:
+    """The tokenizer stored in one of our checkpoints; None for a 2020 checkpoint, which has none."""
+    if not is_ours(payload):
+        return None
+    record = payload["tokenizer"]
+    return tokenizer_from_bytes(record["kind"], record["data"].numpy().tobytes())
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """What readers need to know about a checkpoint, so none of them reads its keys by name."""
+
+    path: Path
+    ours: bool  # written by kogpt2-finetune; False: a 2020 checkpoint (weights and optimizer only)
+    resumable: bool  # holds the training state (optimizer, progress, random state); export files do not
+    step: int
+    epoch: int
+    mode: str  # "text" or "chat"
+    data_path: str | None
+    data_sha256: str | None
+    column: str | None
+    pretrained: str | None
+    args: dict = field(default_factory=dict)
+
+
+def read_record(payload: dict, path: str | Path) -> CheckpointRecord:
+    data = payload.get("data", {})
+    progress = payload.get("progress", {})
+    return CheckpointRecord(
+        path=Path(path), ours=is_ours(payload),
+        resumable=is_ours(payload) and "optimizer_state_dict" in payload and "rng" in payload,
+        step=int(progress.get("step", payload.get("train_no", 0))), epoch=int(progress.get("epoch", payload.get("epoch", 0))),
+        mode=payload.get("mode", "text"), data_path=data.get("path"), data_sha256=data.get("sha256"),
+        column=data.get("column"), pretrained=payload.get("pretrained"), args=dict(payload.get("args", {})))
+
+
+def source_record(data_path: str, data_sha256: str, column: str, pretrained: str, args: dict, mode: str) -> dict:
+    """Where a run's model and data came from, stored as-is in each of its checkpoints."""
+    return {"data": {"path": str(data_path), "sha256": data_sha256, "column": column}, "pretrained": pretrained,
+            "mode": mode, "args": {k: v for k, v in args.items() if v is not None}}
+
+
+def training_payload(*, model_state: dict, optimizer_state: dict, config: dict, tokenizer: Tokenizer, progress: dict,
+                     schedule: dict, settings: dict, rng: dict, scaler: dict | None, data_fingerprint: str,
+                     source: dict) -> dict:
+    """A resumable checkpoint: everything that continues the run exactly, and the model with its tokenizer."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "epoch": progress["epoch"], "train_no": progress["step"], "loss": progress["loss"],  # the 2020 names
+        "model_state_dict": model_state,
+        "optimizer_state_dict": optimizer_state,
+        "config": config,
+        "tokenizer": tokenizer_record(tokenizer),
+        "progress": progress,
+        "schedule": schedule,
+        "settings": settings,
+        "rng": rng,
+        **({"scaler": scaler} if scaler else {}),
+        "data_fingerprint": data_fingerprint,
+        **source,
+    }
+
+
+def rotate(folder: Path, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` regular checkpoints (0: all); ``KoGPT2_best.tar`` is a separate name."""
+    if keep_last > 0:
+        for _, old in regular_checkpoints(Path(folder))[:-keep_last]:
+            old.unlink(missing_ok=True)
+
+
+def find_checkpoint(path: str | Path, prefer_best: bool) -> Path | None:
+    """``path`` itself, or for a folder the checkpoint in it to use: ``KoGPT2_best.tar`` first when generating
+    (``prefer_best``), else the newest regular one (what a resume wants); None if the folder has none."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    if prefer_best and (path / BEST_NAME).is_file():
+        return path / BEST_NAME
+    found = regular_checkpoints(path)
+    if found:
+        return found[-1][1]
+    return path / BEST_NAME if (path / BEST_NAME).is_file() else None
 
 
 def generation_payload(payload: dict, dtype: torch.dtype = torch.bfloat16) -> dict:
     """What generating needs and nothing else: weights in half precision, config, tokenizer (~250 MB at full size)."""
     if not is_ours(payload):
         raise KoGPT2Error("only checkpoints written by kogpt2-finetune carry their tokenizer; resave first")
-    keep = ("format_version", "config", "tokenizer", "progress", "data", "pretrained", "epoch", "train_no", "loss")
+    keep = ("format_version", "config", "tokenizer", "progress", "data", "pretrained", "mode", "args", "epoch",
+            "train_no", "loss")
     slim = {k: payload[k] for k in keep if k in payload}
     slim["model_state_dict"] = {k: v.to(dtype) if v.is_floating_point() else v
                                 for k, v in payload["model_state_dict"].items() if k != "lm_head.weight"}

@@ -1,6 +1,7 @@
 """Perplexity of a checkpoint (or a pretrained model) on a CSV column: the number main.py logs as val_ppl.
 
     python -m kogpt2.evaluate --load_path checkpoint/KoGPT2_best.tar --data_file_path valid.csv
+    python -m kogpt2.evaluate --load_path checkpoint/KoGPT2_best.tar --split val   # the run's own validation rows
 """
 from __future__ import annotations
 
@@ -8,47 +9,84 @@ import argparse
 import math
 import sys
 
+from .arguments import HelpFormatter, device, integer
+from .defaults import PRETRAINED, TEXT_COLUMN
 from .errors import KoGPT2Error, report_errors
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m kogpt2.evaluate", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--load_path", default=None,
+                        help="checkpoint to evaluate, or a folder (its best checkpoint); without it: --pretrained")
+    parser.add_argument("--pretrained", default=PRETRAINED, help="model to evaluate without --load_path")
+    parser.add_argument("--data_file_path", default=None,
+                        help="CSV with the text column (default: the CSV the checkpoint was trained on)")
+    parser.add_argument("--split", default="all", choices=["all", "val"],
+                        help="all: every row of the CSV; val: only the rows the run held out for validation (the "
+                             "log's val_ppl; rows it trained on score lower)")
+    parser.add_argument("--column", default=None,
+                        help=f"CSV column holding the text (default: the checkpoint's, else {TEXT_COLUMN})")
+    parser.add_argument("--encoding", default=None, help="CSV encoding (default: detect UTF-8, CP949/EUC-KR)")
+    parser.add_argument("--max_len", type=integer(8), default=None,
+                        help="block size (default: the checkpoint's training one, else 256)")
+    parser.add_argument("--batch_size", type=integer(1), default=4, help="blocks per forward pass")
+    parser.add_argument("--no_cache", action="store_true", help="do not read or write the CSV's token cache")
+    parser.add_argument("--device", type=device, default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="auto: bf16 autocast on capable GPUs, fp32 otherwise")
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kogpt2.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--load_path", default=None, help="checkpoint to evaluate (without it: --pretrained)")
-    parser.add_argument("--pretrained", default="skt/kogpt2-base-v2", help="model to evaluate without --load_path")
-    parser.add_argument("--data_file_path", required=True, help="CSV with the text column")
-    parser.add_argument("--column", default="sent")
-    parser.add_argument("--encoding", default=None)
-    parser.add_argument("--max_len", type=int, default=None, help="block size (default: the checkpoint's training one)")
-    parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
 
     def work() -> int:
-        loss, tokens = perplexity_of(args)
-        print(f"perplexity {math.exp(min(loss, 50)):.4f} (loss {loss:.6f}) over {tokens} tokens of "
-              f"{args.data_file_path}")
+        loss, tokens, path = perplexity_of(args)
+        rows = "validation rows" if args.split == "val" else "rows"
+        print(f"perplexity {math.exp(min(loss, 50)):.4f} (loss {loss:.6f}) over {tokens} tokens of the {rows} of {path}")
         return 0
 
     return report_errors(work)
 
 
-def perplexity_of(args: argparse.Namespace) -> tuple[float, int]:
-    from .data import load_rows, pack
+def perplexity_of(args: argparse.Namespace) -> tuple[float, int, str]:
+    from .data import CsvFile
+    from .defaults import ANSWER_COLUMN, MAX_LEN, QUESTION_COLUMN
+    from .loading import open_model
+    from .packing import Corpus
     from .runtime import pick_device, pick_precision
-    from .session import load_model
-    from .train import evaluate
+    from .steps import evaluate
 
     device = pick_device(args.device)
-    model, tokenizer, _, record = load_model(args.load_path, args.pretrained, device, "fp32")
-    max_len = args.max_len or record.get("args", {}).get("max_len") or min(256, model.config.n_positions)
+    opened = open_model(args.load_path, args.pretrained, device, "fp32")
+    record = opened.record
+    recorded = record.args if record else {}
+    path = args.data_file_path or (record.data_path if record else None)
+    if not path:
+        raise KoGPT2Error("give the CSV to evaluate with --data_file_path")
+    if args.split == "val" and (record is None or not recorded):
+        raise KoGPT2Error("--split val needs a checkpoint written by main.py (it records which rows were held out)")
+    if args.split == "val" and recorded.get("val_file"):
+        path = recorded["val_file"]
+    model, tokenizer = opened.model, opened.tokenizer
+    max_len = args.max_len or recorded.get("max_len") or min(MAX_LEN, model.config.n_positions)
     if max_len > model.config.n_positions:
         raise KoGPT2Error(f"--max_len {max_len} is longer than the model's {model.config.n_positions} positions")
-    rows, _ = load_rows(args.data_file_path, args.column, args.encoding, tokenizer)
-    data = pack(rows, max_len, tokenizer.pad_id)
+    csv = CsvFile(path, args.encoding)
+    if args.split == "val" and not recorded.get("val_file") and record.data_sha256 not in (None, csv.sha256):
+        raise KoGPT2Error(f"{path} changed since the checkpoint was trained on it: its validation rows are unknown")
+    chat = record is not None and record.mode == "chat"  # answers only, as the run's val_ppl
+    corpus = Corpus(csv, args.column or (record.column if record and record.column and not chat else TEXT_COLUMN),
+                    chat, recorded.get("question_column", QUESTION_COLUMN), recorded.get("answer_column", ANSWER_COLUMN),
+                    not args.no_cache, recorded.get("seed", 42))
+    if args.split == "val" and not recorded.get("val_file"):
+        _, data = corpus.pack(tokenizer, max_len, recorded.get("val_ratio", 0.1))
+        if data is None:
+            raise KoGPT2Error("the run held out no validation rows (too few rows, or --val_ratio 0)")
+    else:
+        data, _ = corpus.pack(tokenizer, max_len, 0)
     loss = evaluate(model, data, args.batch_size, pick_precision(args.precision, device), progress=True)
-    return loss, int(data.real_tokens.sum())
+    return loss, int(data.real_tokens.sum()), str(path)
 
 
 if __name__ == "__main__":

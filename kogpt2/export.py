@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import struct
 import sys
@@ -14,10 +15,15 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import generation_payload, is_ours, load_checkpoint, save_checkpoint
+from .checkpoint import find_checkpoint, generation_payload, is_ours, load_checkpoint, save_checkpoint, tokenizer_of
+from .defaults import PRETRAINED, SAMPLING
 from .errors import KoGPT2Error, report_errors
+from .generate import never_generated
 from .model import GPTConfig
-from .tokenizer import NEWLINE_V1, HFTokenizer, tokenizer_from_bytes
+from .scratch import is_scratch
+from .tokenizer import NEWLINE_V1, HFTokenizer
+
+V1_VOCAB_SIZE = 50000
 
 
 def export_generation_file(payload: dict, target: Path, half: bool) -> None:
@@ -25,30 +31,85 @@ def export_generation_file(payload: dict, target: Path, half: bool) -> None:
 
 
 def export_hf_folder(payload: dict, target: Path, half: bool) -> None:
-    """config.json, model.safetensors, tokenizer.json (+ its config) and generation_config.json, loadable by
-    ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained(folder)`` with no extra arguments."""
+    """config.json, model.safetensors, tokenizer.json (+ its config), generation_config.json and a model card,
+    loadable by ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained(folder)`` with no extra arguments, and
+    generating like generator.py: the tokenizer adds the same start token, and generation suppresses the same ids
+    with the same sampling defaults."""
     from safetensors.torch import save_file
 
-    record = payload["tokenizer"]
-    tokenizer = tokenizer_from_bytes(record["kind"], record["data"].numpy().tobytes())
-    tokenizer_json = tokenizer.data if isinstance(tokenizer, HFTokenizer) else sentencepiece_as_tokenizer_json(tokenizer.data)
+    tokenizer = tokenizer_of(payload)
     config = GPTConfig.from_dict(payload["config"])
     slim = generation_payload(payload, torch.bfloat16 if half else torch.float32)
     target.mkdir(parents=True, exist_ok=True)
     ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
     hf_config = {**config.to_hf(), **ids, "torch_dtype": "bfloat16" if half else "float32"}
     (target / "config.json").write_text(json.dumps(hf_config, indent=2), encoding="utf-8")
-    save_file({k: v.contiguous() for k, v in slim["model_state_dict"].items()}, str(target / "model.safetensors"),
-              metadata={"format": "pt"})
-    (target / "tokenizer.json").write_bytes(tokenizer_json)
+    weights = target / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in slim["model_state_dict"].items()}, str(weights), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    weights.chmod(0o666 & ~umask)  # safetensors writes it private; it is an ordinary file like the others
+    (target / "tokenizer.json").write_bytes(tokenizer_json_with_start(tokenizer))
     names = {name: tokenizer.id_to_piece(i) for name, i in
              (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id), ("pad_token", tokenizer.pad_id),
               ("unk_token", tokenizer.unk_id))}
     (target / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.n_positions,
          "clean_up_tokenization_spaces": False, **names}, ensure_ascii=False, indent=2), encoding="utf-8")
+    sampling = SAMPLING
     (target / "generation_config.json").write_text(json.dumps(
-        {**ids, "do_sample": True, "top_k": 40, "top_p": 0.9, "max_new_tokens": 250}, indent=2), encoding="utf-8")
+        {**ids, "do_sample": True, "temperature": sampling.temperature, "top_k": sampling.top_k,
+         "top_p": sampling.top_p, "repetition_penalty": sampling.repetition_penalty,
+         "max_new_tokens": sampling.text_size, "suppress_tokens": never_generated(tokenizer)}, indent=2),
+        encoding="utf-8")
+    (target / "README.md").write_text(model_card(payload, tokenizer), encoding="utf-8")
+
+
+def tokenizer_json_with_start(tokenizer) -> bytes:
+    """The tokenizer as tokenizer.json, adding the start token before every text as generator.py and training do."""
+    from tokenizers import Tokenizer, processors
+
+    data = tokenizer.data if isinstance(tokenizer, HFTokenizer) else sentencepiece_as_tokenizer_json(tokenizer.data)
+    hf = Tokenizer.from_str(data.decode("utf-8"))
+    start = tokenizer.id_to_piece(tokenizer.bos_id)
+    hf.post_processor = processors.TemplateProcessing(single=f"{start} $A", pair=f"{start} $A $B",
+                                                      special_tokens=[(start, tokenizer.bos_id)])
+    return hf.to_str().encode("utf-8")
+
+
+def model_card(payload: dict, tokenizer) -> str:
+    """README.md of the exported folder: what the model is and the licence it inherits."""
+    pretrained = str(payload.get("pretrained") or PRETRAINED)
+    if is_scratch(pretrained):
+        origin, licence = ("trained from scratch by kogpt2-finetune on the user's own text (no KoGPT2 weights)",
+                           "the licence of the training text (no KoGPT2 weights are inside)")
+    elif tokenizer.vocab_size == V1_VOCAB_SIZE:
+        origin, licence = ("fine-tuned from SK Telecom's KoGPT2 v1 (2020)",
+                           "Modified MIT License, as KoGPT2 v1 (https://github.com/SKT-AI/KoGPT2)")
+    else:
+        origin, licence = (f"fine-tuned from SK Telecom's KoGPT2 ({pretrained})",
+                           "CC-BY-NC-SA 4.0, as KoGPT2 v2: non-commercial use only, share alike, attribution to "
+                           "SK Telecom (https://creativecommons.org/licenses/by-nc-sa/4.0/)")
+    return f"""---
+license: {"cc-by-nc-sa-4.0" if "CC-BY-NC-SA" in licence else "other"}
+language: ko
+library_name: transformers
+pipeline_tag: text-generation
+---
+# {tokenizer.kind} GPT-2, {origin}
+
+- 라이선스 / licence: {licence}
+- 학습 데이터 / training data: {payload.get("data", {}).get("path", "unknown")}
+- 만든 도구 / made with: kogpt2-finetune (`python -m kogpt2.export`)
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained("THIS_FOLDER")
+model = AutoModelForCausalLM.from_pretrained("THIS_FOLDER")
+ids = tok("오늘 아침에", return_tensors="pt").input_ids  # the start token is added, as in training
+print(tok.decode(model.generate(ids)[0], skip_special_tokens=True))
+```
+"""
 
 
 # ---- SentencePiece (v1, scratch) as a tokenizers BPE with the same ids -------------------------------------------------
@@ -151,13 +212,16 @@ def sentencepiece_as_tokenizer_json(model: bytes) -> bytes:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kogpt2.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="a .tar written by main.py")
+    parser.add_argument("checkpoint", help="a .tar written by main.py, or a folder (its best checkpoint)")
     parser.add_argument("out", help="OUT.tar: generation-only file; any other path: Hugging Face folder")
     parser.add_argument("--half", action="store_true", help="bf16 weights (half the size)")
     args = parser.parse_args(argv)
 
     def work() -> int:
-        payload = load_checkpoint(args.checkpoint)
+        path = find_checkpoint(args.checkpoint, prefer_best=True)
+        if path is None:
+            raise KoGPT2Error(f"{args.checkpoint}: the folder has no checkpoint (KoGPT2_*.tar)")
+        payload = load_checkpoint(path)
         if not is_ours(payload):
             raise KoGPT2Error(f"{args.checkpoint} is a 2020-format checkpoint; train one step from it with main.py first")
         target = Path(args.out)

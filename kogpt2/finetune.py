@@ -1,4 +1,5 @@
-"""What ``main.py`` does: pick the start (checkpoint, pretrained release or scratch), load the CSV, train."""
+"""What ``main.py`` does: pick the start (checkpoint, pretrained release, a model file, or scratch), load the CSV,
+train."""
 from __future__ import annotations
 
 import argparse
@@ -6,18 +7,27 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import is_ours, load_checkpoint, model_from_checkpoint, regular_checkpoints
-from .data import check_header, load_rows, pack, read_text_column, validation_mask
+from .checkpoint import BEST_NAME, find_checkpoint, source_record
+from .data import CsvFile
+from .defaults import FINETUNE_LR, MAX_LEN, SCRATCH_LR
 from .distributed import World, join, leave
 from .errors import KoGPT2Error
+from .loading import OpenedModel, open_model
+from .packing import Corpus
 from .plot import plot_metrics
-from .pretrained import load_pretrained, load_pretrained_tokenizer
+from .pretrained import ReleaseUnavailable
 from .runtime import cpu_bf16_instructions, keep_freed_memory, pick_device, pick_precision
 from .scratch import is_scratch, scratch_model
 from .train import Trainer, TrainSettings
 
-FINETUNE_LR = 3e-5  # the original's
-SCRATCH_LR = 1e-3  # a fresh small model learns nothing at a fine-tuning rate
+# Settings a resume takes from the checkpoint unless given again: with them the run continues exactly.
+RESUMED_SETTINGS = ("max_len", "batch_size", "grad_accum", "lr", "warmup", "dropout", "val_ratio", "val_file", "seed",
+                    "column", "chat", "question_column", "answer_column", "eval_every", "save_every", "keep_last",
+                    "patience", "precision")
+
+
+def plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,90 +38,135 @@ def run(args: argparse.Namespace) -> int:
         leave(world)
 
 
-def newest_checkpoint(folder: Path) -> Path | None:
-    found = regular_checkpoints(folder)
-    return found[-1][1] if found else None
+def _start(args: argparse.Namespace, say) -> tuple[OpenedModel | None, str]:
+    """The checkpoint to resume, if any, and how the run starts (for the log)."""
+    if not args.load_path:
+        return None, ""
+    path = find_checkpoint(args.load_path, prefer_best=False)
+    if path is None:
+        say(f"no checkpoint in {args.load_path} yet")
+        return None, ""
+    if not path.exists():
+        say(f"{path} does not exist yet: starting from {args.pretrained}")
+        return None, ""
+    opened = open_model(str(path), args.pretrained)
+    if opened.record.ours and not opened.record.resumable:
+        raise KoGPT2Error(f"{path} holds a model but no training state (a file written by kogpt2.export), so a run "
+                          f"cannot resume from it; start a new run from its weights: --pretrained {path}")
+    return opened, str(path)
+
+
+def take_checkpoint_settings(args: argparse.Namespace, recorded: dict, given: set[str], say) -> None:
+    """A resume continues with the checkpoint's settings unless the user gives new ones; both are said."""
+    taken, changed = [], []
+    for name in RESUMED_SETTINGS:
+        if name not in recorded:
+            continue
+        if name in given:
+            if getattr(args, name) != recorded[name]:
+                changed.append(f"--{name} {getattr(args, name)} (was {recorded[name]})")
+        elif getattr(args, name) != recorded[name]:
+            setattr(args, name, recorded[name])
+            taken.append(f"--{name} {recorded[name]}")
+    if taken:
+        say(f"resuming with the checkpoint's settings: {' '.join(taken)}")
+    if changed:
+        say(f"note: new settings {', '.join(changed)}: the run goes on with them, so it will not match an "
+            "uninterrupted run exactly")
+
+
+def corpus_of(csv: CsvFile, args: argparse.Namespace) -> Corpus:
+    return Corpus(csv, args.column, args.chat, args.question_column, args.answer_column, not args.no_cache, args.seed)
 
 
 def _run(args: argparse.Namespace, world: World, device_name: str) -> int:
     say = print if world.is_main else (lambda *a, **k: None)
     keep_freed_memory()
-    torch.manual_seed(args.seed)  # a fresh model's initial weights, dropout: all follow --seed
     device = pick_device(device_name)
+    train_csv = CsvFile(args.data_file_path, args.encoding)  # checked before any model is loaded or downloaded
+    val_csv = CsvFile(args.val_file, args.encoding) if args.val_file else None
+    resume, resumed_from = _start(args, say)
+    if resume is not None and resume.record.ours:
+        take_checkpoint_settings(args, resume.record.args, getattr(args, "given", set()), say)
+    torch.manual_seed(args.seed)  # a fresh model's initial weights, dropout: all follow --seed
     precision = pick_precision(args.precision, device)
-    for csv_path in filter(None, (args.data_file_path, args.val_file)):  # before any model is loaded or downloaded
-        check_header(csv_path, args.column, args.encoding)
-    resume, column = None, None
-    load_path = Path(args.load_path) if args.load_path else None
-    if load_path is not None and load_path.is_dir():  # the newest checkpoint in it: what an elastic restart wants
-        folder, load_path = load_path, newest_checkpoint(load_path)
-        if load_path is None:
-            say(f"no checkpoint in {folder} yet")
-    if load_path is not None and load_path.exists():
-        payload = load_checkpoint(load_path)
-        if is_ours(payload):
-            model, tokenizer = model_from_checkpoint(payload, load_path)
-            resume = payload
-            say(f"resuming from {load_path}: step {payload['progress']['step']}, epoch {payload['progress']['epoch'] + 1}")
+    corpus = corpus_of(train_csv, args)
+    val_corpus = corpus_of(val_csv, args) if val_csv else None
+
+    if resume is not None:
+        model, tokenizer = resume.model, resume.tokenizer
+        if resume.record.ours:
+            say(f"resuming from {resumed_from}: step {resume.record.step}, epoch {resume.record.epoch + 1}")
         else:
-            model, tokenizer = model_from_checkpoint(payload, load_path, load_pretrained_tokenizer(args.pretrained))
-            say(f"starting from the weights of the 2020 checkpoint {load_path} (its optimizer state is not reused)")
+            say(f"starting from the weights of the 2020 checkpoint {resumed_from} (its optimizer state is not reused)")
+    elif is_scratch(args.pretrained):
+        learn_from = corpus.texts(0 if args.val_file else args.val_ratio)
+        model, tokenizer = scratch_model(args.pretrained, learn_from, args.vocab_size)
+        say(f"training from scratch: {model.num_parameters() / 1e6:.1f}M parameters, "
+            f"a tokenizer of {tokenizer.vocab_size} tokens learnt from {args.data_file_path}")
     else:
-        if load_path is not None:
-            say(f"{load_path} does not exist yet: starting from {args.pretrained}")
-        if is_scratch(args.pretrained):
-            column = read_text_column(args.data_file_path, args.column, args.encoding)
-            learn_from = [t for t, val in zip(column.texts, validation_mask(len(column.texts), args.val_ratio, args.seed))
-                          if not val or args.val_file]
-            model, tokenizer = scratch_model(args.pretrained, learn_from, args.vocab_size)
-            say(f"training from scratch: {model.num_parameters() / 1e6:.1f}M parameters, "
-                f"a tokenizer of {tokenizer.vocab_size} tokens learnt from {args.data_file_path}")
-        else:
-            model, tokenizer = load_pretrained(args.pretrained)
-            say(f"starting from the pretrained model {args.pretrained}")
+        try:
+            opened = open_model(None, args.pretrained)
+        except ReleaseUnavailable as error:
+            raise KoGPT2Error(f"{error}, or train with no download at all: --pretrained scratch") from None
+        model, tokenizer = opened.model, opened.tokenizer
+        say(f"starting from the pretrained model {args.pretrained}")
 
     if args.dropout is not None:
         model.set_dropout(args.dropout)
-    max_len = args.max_len or min(256, model.config.n_positions)
-    if max_len > model.config.n_positions:
-        raise KoGPT2Error(f"--max_len {max_len} is longer than the model's {model.config.n_positions} positions")
-    rows, data = load_rows(args.data_file_path, args.column, args.encoding, tokenizer, parsed=column)
-    if args.val_file:
-        val_rows, _ = load_rows(args.val_file, args.column, args.encoding, tokenizer)
-        train_data, val_data = pack(rows, max_len, tokenizer.pad_id), pack(val_rows, max_len, tokenizer.pad_id)
+    args.max_len = args.max_len or min(MAX_LEN, model.config.n_positions)
+    if args.max_len > model.config.n_positions:
+        raise KoGPT2Error(f"--max_len {args.max_len} is longer than the model's {model.config.n_positions} positions")
+    if val_corpus is not None:
+        train_data, _ = corpus.pack(tokenizer, args.max_len, 0)
+        val_data, _ = val_corpus.pack(tokenizer, args.max_len, 0)
     else:
-        val = validation_mask(len(rows), args.val_ratio, args.seed)
-        train_data = pack(rows, max_len, tokenizer.pad_id, ~val)
-        val_data = pack(rows, max_len, tokenizer.pad_id, val) if val.any() else None
+        train_data, val_data = corpus.pack(tokenizer, args.max_len, args.val_ratio)
     settings = TrainSettings(
         save_path=args.save_path, epochs=args.epoch, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr if args.lr is not None else (SCRATCH_LR if is_scratch(args.pretrained) else FINETUNE_LR),
         warmup=args.warmup, eval_every=args.eval_every, save_every=args.save_every,
         keep_last=args.keep_last, patience=args.patience, seed=args.seed, precision=precision,
-        samples_dir=args.samples, tensorboard=args.tensorboard)
-    record = {"data": {"path": str(args.data_file_path), "sha256": data.sha256, "column": args.column},
-              "pretrained": args.pretrained, "args": {k: v for k, v in vars(args).items() if v is not None}}
-    trainer = Trainer(model.to(device), tokenizer, train_data, val_data, settings, record, log=say, world=world)
-    if resume is not None:
-        trainer.restore(resume)
+        samples_dir=args.samples, tensorboard=args.tensorboard, chat=args.chat)
+    recorded_args = {k: v for k, v in vars(args).items() if k != "given"}
+    source = source_record(args.data_file_path, train_csv.sha256, corpus.column, args.pretrained, recorded_args,
+                           "chat" if args.chat else "text")
+    trainer = Trainer(model.to(device), tokenizer, train_data, val_data, settings, source, log=say, world=world)
+    if resume is not None and resume.record.ours:
+        trainer.restore(resume.payload)
 
-    say(f"data: {data.rows_read} rows read ({data.encoding}), {data.rows_empty} empty skipped; "
+    say(f"data: {plural(corpus.rows_read, 'row')} read ({train_csv.encoding}), {corpus.rows_empty} empty skipped; "
         f"{train_data.rows} for training, {val_data.rows if val_data else 0} for validation; "
-        f"{train_data.tokens} training tokens in {len(train_data.blocks)} blocks of {max_len}"
-        + (f"; {train_data.rows_split} rows longer than {max_len} tokens split over blocks" if train_data.rows_split else ""))
+        f"{plural(train_data.tokens, 'training token')} in {plural(len(train_data.blocks), 'block')} of {args.max_len}"
+        + (f"; {plural(train_data.rows_split, 'row')} longer than {args.max_len} tokens "
+           f"{'cut to fit' if args.chat else 'split over blocks'}" if train_data.rows_split else ""))
     processes = f" x {world.size} processes = {trainer.global_batch}" if world.active else ""
     bf16_instructions = cpu_bf16_instructions() if device.type == "cpu" and precision == "fp32" else []
     if bf16_instructions:
         say(f"tip: this CPU has bf16 instructions ({', '.join(bf16_instructions)}): --precision bf16 trains about "
             "1.8x faster on such CPUs with the same loss (bench/README.md)")
-    say(f"training: {settings.epochs} epochs x {trainer.steps_per_epoch} steps (batch {settings.batch_size}{processes} x "
-        f"accumulation {settings.grad_accum}) on {device}, {precision}; checkpoints in {settings.save_path}")
+    say(f"training: {plural(settings.epochs, 'epoch')} x {plural(trainer.steps_per_epoch, 'step')} (batch "
+        f"{settings.batch_size}{processes} x accumulation {settings.grad_accum}) on {device}, {precision}; "
+        f"checkpoints in {settings.save_path}")
     if trainer.progress.epoch >= settings.epochs:
-        say(f"nothing to do: the checkpoint already finished {trainer.progress.epoch} epochs (raise --epoch to go on)")
+        say(f"nothing to do: the checkpoint already finished {plural(trainer.progress.epoch, 'epoch')} "
+            "(raise --epoch to go on)")
         return 0
     last = trainer.fit()
+    try:
+        return _finish(trainer, last, say, world)
+    except KeyboardInterrupt:
+        say(f"interrupted; the last checkpoint is {last}" if last else "interrupted")
+        return 130
+
+
+def _finish(trainer: Trainer, last: Path | None, say, world: World) -> int:
     if last is not None:
         say(f"last checkpoint: {last}")
-    if world.is_main and trainer.metrics_path.exists():
-        say(f"loss curve: {plot_metrics(settings.save_path)}")
+    best = trainer.save_path / BEST_NAME
+    if trainer.progress.best_step and best.is_file():
+        say(f"best checkpoint: {best} (step {trainer.progress.best_step}, validation loss "
+            f"{trainer.progress.best_val_loss:.4f})")
+    if trainer.metrics is not None and trainer.metrics.path.exists():
+        say(f"loss curve: {plot_metrics(trainer.settings.save_path)}")
     return 0

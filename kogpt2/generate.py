@@ -1,41 +1,20 @@
-"""Autoregressive generation with the KV cache (one token of work per step), and streaming text out of ids."""
+"""The sampling engine: autoregressive decoding with the KV cache (one token of work per step), turned into text
+pieces per sample. It never prints; the prompt loop, training samples, chat and the server all read its pieces."""
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from .defaults import SamplingSettings
 from .errors import KoGPT2Error
 from .model import GPT, KVCache
 from .sampling import apply_repetition_penalty, block_repeated_ngrams, sample_next
 from .tokenizer import Tokenizer
-
-
-@dataclass
-class SamplingSettings:
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    no_repeat_ngram: int = 0
-    text_size: int = 100  # most new tokens
-    stop: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise KoGPT2Error(f"temperature must be 0 (greedy) or more, not {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise KoGPT2Error(f"top_p must be in (0, 1], not {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise KoGPT2Error(f"repetition_penalty must be positive, not {self.repetition_penalty}")
-        if self.text_size < 1:
-            raise KoGPT2Error(f"text_size must be at least 1, not {self.text_size}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def never_generated(tokenizer: Tokenizer) -> list[int]:
@@ -100,7 +79,7 @@ class DecodingStep:
 
 @torch.no_grad()
 def generate_ids(model: GPT, prompt_ids: list[int], settings: SamplingSettings, eos_id: int, num_samples: int = 1,
-                 generator: torch.Generator | None = None, suppress: list[int] = ()) -> Iterator[list[int | None]]:
+                 rng: torch.Generator | None = None, suppress: list[int] = ()) -> Iterator[list[int | None]]:
     """Yield, per step, the new token of each sample (None once a sample has ended at ``eos_id``).
 
     ``suppress`` lists token ids never to produce (see ``never_generated``).
@@ -123,7 +102,7 @@ def generate_ids(model: GPT, prompt_ids: list[int], settings: SamplingSettings, 
         logits = block_repeated_ngrams(logits, rows, settings.no_repeat_ngram)
         if suppress:
             logits[:, list(suppress)] = float("-inf")
-        tokens = sample_next(logits, settings.temperature, settings.top_k, settings.top_p, generator).tolist()
+        tokens = sample_next(logits, settings.temperature, settings.top_k, settings.top_p, rng).tolist()
         step = []
         for i, token in enumerate(tokens):
             if done[i]:
@@ -168,3 +147,93 @@ class TextStream:
         new = continuation[len(self.text):]
         self.text = continuation
         return new
+
+
+class StopText:
+    """Cuts a continuation at the first stop string, holding back text that may be the start of one."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.text = ""
+        self.shown = 0
+        self.stopped = False
+
+    def push(self, piece: str) -> str:
+        self.text += piece
+        cut = min((i for i in (self.text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text, self.stopped = self.text[:cut], True
+            end = cut
+        else:
+            end = max(self.shown, len(self.text) - self.hold)
+        out, self.shown = self.text[self.shown:end], end
+        return out
+
+    def flush(self) -> str:
+        out, self.shown = self.text[self.shown:], len(self.text)
+        return out
+
+
+@dataclass(frozen=True)
+class Piece:
+    """New text of one sample, in the order it became printable; ``done`` marks a sample's last piece."""
+
+    index: int
+    text: str
+    done: bool = False
+
+
+def new_seed() -> int:
+    return int.from_bytes(os.urandom(4), "little")
+
+
+class TextSampler:
+    """Text from a prompt, piece by piece: end token, stop strings, never-generated ids and whole characters are
+    all handled here, so every caller sees the same text for the same model, prompt, settings and seed."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, stop_ids: tuple[int, ...] = ()) -> None:
+        """``stop_ids``: tokens that end a sample like the end token (chat: the next turn's ``<usr>``)."""
+        self.model, self.tokenizer = model, tokenizer
+        self.suppress = never_generated(tokenizer)
+        self.stop_ids = set(stop_ids)
+        self.device = next(model.parameters()).device
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The start token, then the prompt: how every text was framed in training."""
+        return [self.tokenizer.bos_id] + self.tokenizer.encode(prompt)
+
+    def stream(self, prompt_ids: list[int], settings: SamplingSettings, seed: int,
+               num_samples: int = 1) -> Iterator[Piece]:
+        """Pieces of ``num_samples`` continuations drawn together; each sample ends with one ``done`` piece."""
+        rng = torch.Generator(device=self.device).manual_seed(seed)
+        streams = [TextStream(self.tokenizer, prompt_ids) for _ in range(num_samples)]
+        stops = [StopText(settings.stop) for _ in range(num_samples)]
+        ended = [False] * num_samples
+        for step in generate_ids(self.model, prompt_ids, settings, self.tokenizer.eos_id, num_samples, rng,
+                                 self.suppress):
+            for index, token in enumerate(step):
+                if ended[index]:
+                    continue
+                if token is None or token in self.stop_ids:
+                    ended[index] = True
+                    yield Piece(index, stops[index].flush(), done=True)
+                    continue
+                shown = stops[index].push(streams[index].push(token))
+                if stops[index].stopped:
+                    ended[index] = True
+                    yield Piece(index, shown + stops[index].flush(), done=True)
+                elif shown:
+                    yield Piece(index, shown)
+            if all(ended):
+                return
+        for index in range(num_samples):
+            if not ended[index]:
+                yield Piece(index, stops[index].flush(), done=True)
+
+    def complete(self, prompt_ids: list[int], settings: SamplingSettings, seed: int, num_samples: int = 1) -> list[str]:
+        """The whole continuation of each sample."""
+        texts = [""] * num_samples
+        for piece in self.stream(prompt_ids, settings, seed, num_samples):
+            texts[piece.index] += piece.text
+        return texts

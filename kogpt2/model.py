@@ -1,13 +1,11 @@
 """GPT-2 decoder in plain PyTorch, read top to bottom.
 
-Weights are kept as ``nn.Linear`` ([out, in]); ``load_hf_state_dict`` / ``hf_state_dict`` translate to and from
-the Hugging Face ``GPT2LMHeadModel`` layout (Conv1D weights stored [in, out]) so published KoGPT2 files load as
-they are and our weights load into ``transformers``.
+Weights are kept as ``nn.Linear`` ([out, in]); ``hf_layout.py`` translates to and from the Hugging Face
+``GPT2LMHeadModel`` layout, so published KoGPT2 files load as they are and our weights load into ``transformers``.
 """
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -176,11 +174,12 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [batch, time, vocab] for token ids [batch, time] (see ``hidden_states`` for the arguments); with
         ``targets`` [batch, time] instead the summed cross-entropy over those that are not ``IGNORE_INDEX``, computed
         without holding all the logits."""
-        hidden = self.hidden_states(idx, attention_mask, cache, positions)
+        hidden = self.hidden_states(idx, attention_mask, cache, positions, segments)
         if targets is None:
             return self.lm_head(hidden)
         return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets.reshape(-1))
@@ -191,12 +190,15 @@ class GPT(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The last layer's output [batch, time, n_embd], before the head.
 
         ``attention_mask`` [batch, cached + time] marks real tokens (1) and padding (0), for batched prompts of
         different lengths; ``positions`` then default to each row's count of real tokens so far. With a ``cache``
-        the call sees only the new tokens and appends their keys and values.
+        the call sees only the new tokens and appends their keys and values. ``segments`` [batch, time] numbers the
+        independent examples packed into a row (chat): each starts again at position 0 and attends only to itself,
+        so its logits are those it would have alone.
         """
         B, T = idx.shape
         past = cache.length if cache is not None else 0
@@ -204,18 +206,31 @@ class GPT(nn.Module):
             raise KoGPT2Error(f"sequence of {past + T} tokens is longer than the model's {self.config.n_positions} positions")
         if cache is not None and past + T > cache.capacity:
             raise KoGPT2Error(f"KV cache holds {cache.capacity} tokens, {past + T} requested")
-        if positions is None:
-            if attention_mask is None:
+        if segments is not None:
+            positions, mask = self._segment_positions_and_mask(segments)
+        else:
+            if positions is None and attention_mask is None:
                 positions = torch.arange(past, past + T, device=idx.device).expand(B, T)
-            else:
+            elif positions is None:
                 positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-        mask = self._attention_mask(attention_mask, past, T, idx.device)
+            mask = self._attention_mask(attention_mask, past, T, idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
         for layer, block in enumerate(self.transformer.h):
             x = block(x, layer, mask, cache)
         if cache is not None:
             cache.length += T
         return self.transformer.ln_f(x)
+
+    @staticmethod
+    def _segment_positions_and_mask(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions counted from each segment's first token, and a causal mask that stays inside a segment."""
+        T = segments.shape[1]
+        steps = torch.arange(T, device=segments.device)
+        starts = torch.ones_like(segments, dtype=torch.bool)
+        starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+        first = torch.cummax(torch.where(starts, steps, 0), dim=1).values
+        causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+        return steps - first, causal & (segments[:, None, :, None] == segments[:, None, None, :])
 
     @staticmethod
     def _attention_mask(attention_mask, past: int, T: int, device) -> torch.Tensor | None:
@@ -242,68 +257,3 @@ class GPT(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-# ---- the Hugging Face GPT2LMHeadModel layout -------------------------------------------------------------------
-
-_CONV1D = re.compile(r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
-_BUFFERS = re.compile(r"transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
-
-
-def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """Our weights with GPT2LMHeadModel's names and Conv1D's [in, out] orientation."""
-    out = {}
-    for name, tensor in model.state_dict().items():
-        out[name] = tensor.t().contiguous() if _CONV1D.match(name) else tensor
-    return out
-
-
-def normalize_hf_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Accept what real files contain: ``module.`` (DataParallel) or no ``transformer.`` prefix, the causal-mask
-    buffers old checkpoints carry, and a missing (tied) ``lm_head.weight``."""
-    out = {}
-    for key, tensor in state.items():
-        if key.startswith("module."):
-            key = key[len("module."):]
-        if not key.startswith(("transformer.", "lm_head.")):
-            key = "transformer." + key
-        if _BUFFERS.match(key):
-            continue
-        out[key] = tensor
-    if "lm_head.weight" not in out and "transformer.wte.weight" in out:
-        out["lm_head.weight"] = out["transformer.wte.weight"]
-    return out
-
-
-def infer_config(state: dict[str, torch.Tensor], **overrides) -> GPTConfig:
-    """Shapes of a GPT-2 state dict give every size but the head count, which is n_embd / 64 in every GPT-2."""
-    state = normalize_hf_keys(state)
-    vocab_size, n_embd = state["transformer.wte.weight"].shape
-    layers = {int(k.split(".")[2]) for k in state if k.startswith("transformer.h.")}
-    values = dict(vocab_size=vocab_size, n_embd=n_embd, n_positions=state["transformer.wpe.weight"].shape[0],
-                  n_layer=len(layers), n_head=max(1, n_embd // 64))
-    values.update(overrides)
-    return GPTConfig(**values)
-
-
-def load_hf_state_dict(model: GPT, state: dict[str, torch.Tensor]) -> None:
-    """Load weights in the GPT2LMHeadModel layout; every missing, unknown or misshapen tensor is named."""
-    state = normalize_hf_keys(state)
-    expected = hf_state_dict(model)
-    missing = sorted(set(expected) - set(state))
-    unknown = sorted(set(state) - set(expected))
-    if missing or unknown:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:5])}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-        if unknown:
-            parts.append(f"unknown {', '.join(unknown[:5])}" + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
-        raise KoGPT2Error(f"weights do not fit a GPT-2 of this config: {'; '.join(parts)}")
-    for key, want in expected.items():
-        if state[key].shape != want.shape:
-            raise KoGPT2Error(
-                f"weights do not fit the config: {key} has shape {tuple(state[key].shape)}, "
-                f"the config needs {tuple(want.shape)}")
-    ours = {k: (v.t() if _CONV1D.match(k) else v) for k, v in state.items()}
-    with torch.no_grad():
-        model.load_state_dict(ours, strict=True)

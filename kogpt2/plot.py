@@ -1,9 +1,11 @@
-"""``loss.png`` from a run's ``metrics.jsonl``: train and validation loss, validation perplexity, the best step.
+"""loss.png from a run's metrics.jsonl: train and validation loss, validation perplexity, the best step.
 
-    python -m kogpt2.plot checkpoint/
+    python -m kogpt2.plot checkpoint/                 # writes checkpoint/loss.png
+    python -m kogpt2.plot checkpoint/metrics.jsonl    # the same
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -35,7 +37,10 @@ def plot_metrics(folder: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     folder = Path(folder)
-    log = folder / "metrics.jsonl"
+    if folder.suffix == ".jsonl" and not folder.is_dir():
+        folder, log = folder.parent, folder
+    else:
+        log = folder / "metrics.jsonl"
     try:
         entries = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
     except FileNotFoundError:
@@ -76,11 +81,11 @@ def plot_metrics(folder: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = argv if argv is not None else sys.argv[1:]
-    if len(args) != 1 or args[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if args and args[0] in ("-h", "--help") else 2
-    return report_errors(lambda: print(f"written: {plot_metrics(args[0])}") or 0)
+    parser = argparse.ArgumentParser(prog="python -m kogpt2.plot", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", help="main.py's --save_path folder, or its metrics.jsonl")
+    args = parser.parse_args(argv)
+    return report_errors(lambda: print(f"written: {plot_metrics(args.run)}") or 0)
 
 
 if __name__ == "__main__":

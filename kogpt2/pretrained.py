@@ -1,4 +1,4 @@
-"""Turn a KoGPT2 release (hub id, Hugging Face directory or the 2020 v1 files) into a model and a tokenizer."""
+"""Where a KoGPT2 release's files are (hub id, Hugging Face directory or the 2020 v1 files), and reading its weights."""
 from __future__ import annotations
 
 import hashlib
@@ -13,12 +13,15 @@ import torch
 
 from .checkpoint import load_tensors_only, verify_archive
 from .errors import KoGPT2Error
-from .model import GPT, GPTConfig, infer_config, load_hf_state_dict
-from .tokenizer import Tokenizer, load_tokenizer
+from .defaults import PRETRAINED as DEFAULT_PRETRAINED
+from .model import GPTConfig
 
-DEFAULT_PRETRAINED = "skt/kogpt2-base-v2"
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 V1_CHECKSUMMED = re.compile(r"_([0-9a-f]{10})\.[A-Za-z]+$")  # pytorch_kogpt2_676e9bcfa7.params
+
+
+class ReleaseUnavailable(KoGPT2Error):
+    """The hub release can be neither downloaded nor found in the cache."""
 
 
 @dataclass
@@ -29,33 +32,6 @@ class PretrainedFiles:
     config: GPTConfig | None  # None: inferred from the weights (v1 ships no config)
     weights: Path | None  # None: not fetched (only the tokenizer was asked for)
     tokenizer: Path
-
-
-def load_pretrained(source: str = DEFAULT_PRETRAINED, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
-    """A model (eval mode) and its tokenizer from a hub id, an HF-layout directory or a directory of v1 files."""
-    files = locate(source)
-    tokenizer = load_tokenizer(files.tokenizer)
-    state = load_weights(files.weights)
-    config = files.config or infer_config(state, activation="gelu")  # v1 was trained with the exact erf GELU
-    check_vocab(config.vocab_size, tokenizer, files.name)
-    model = GPT(config)
-    try:
-        load_hf_state_dict(model, state)
-    except KoGPT2Error as error:
-        raise KoGPT2Error(f"{files.weights}: {error}") from None
-    return model.to(device).eval(), tokenizer
-
-
-def load_pretrained_tokenizer(source: str) -> Tokenizer:
-    """Only the tokenizer of a release (a 2020 checkpoint brings its own weights)."""
-    return load_tokenizer(locate(source, with_weights=False).tokenizer)
-
-
-def check_vocab(vocab_size: int, tokenizer: Tokenizer, name: str) -> None:
-    if vocab_size != tokenizer.vocab_size:
-        raise KoGPT2Error(
-            f"{name}: the weights have a vocabulary of {vocab_size} tokens but the tokenizer has {tokenizer.vocab_size} "
-            "(v1 weights need the v1 SentencePiece tokenizer, v2 weights the v2 tokenizer.json)")
 
 
 def locate(source: str, with_weights: bool = True) -> PretrainedFiles:
@@ -168,11 +144,11 @@ def _hub(repo_id: str, with_weights: bool) -> PretrainedFiles:
     except RepositoryNotFoundError:
         raise KoGPT2Error(f"{repo_id} is not a model repository on the Hugging Face hub") from None
     except LocalEntryNotFoundError as error:
-        raise KoGPT2Error(
+        raise ReleaseUnavailable(
             f"cannot get {repo_id}: {'no network and ' if offline else ''}not in the local Hugging Face cache "
             f"({constants.HF_HUB_CACHE}) [{type(error).__name__}]. Connect to the internet once, or download config.json, "
             f"pytorch_model.bin and tokenizer.json from https://huggingface.co/{repo_id} into a folder and pass "
-            "--pretrained FOLDER, or train with no download at all: --pretrained scratch") from None
+            "--pretrained FOLDER") from None
     except Exception as error:  # a broken download surfaces as many types (httpx, OSError, hub errors)
         reason = (str(error).strip().splitlines() or [""])[0][:200]
         raise KoGPT2Error(

@@ -1,11 +1,18 @@
 """How much of the generated text is new: copy rate, longest run shared with the training text, diversity."""
 from __future__ import annotations
 
+import json
 import re
 from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from .errors import KoGPT2Error
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .checkpoint import CheckpointRecord
+    from .outputs import Sample
 
 SEPARATOR = "\x00"
 
@@ -58,18 +65,32 @@ class TrainingText:
                 "longest_shared_tokens": self.tokens.longest_shared(self.tokenizer.encode(text))}
 
 
-def training_text_from(checkpoint: dict, data_file_path: str | None, column: str, tokenizer: Tokenizer) -> TrainingText:
-    """``--data_file_path``, else the CSV the checkpoint was trained on (refused if it changed since)."""
-    from .data import read_text_column
+def training_text_for(record: CheckpointRecord | None, data_file_path: str | None, column: str,
+                      tokenizer: Tokenizer) -> TrainingText:
+    """``--data_file_path``, else the CSV the checkpoint was trained on (refused if it changed since). The text column
+    is the one the checkpoint was trained on, else ``column``."""
+    from .data import CsvColumn
 
-    recorded = checkpoint.get("data", {})
-    path = data_file_path or recorded.get("path")
+    recorded_path = record.data_path if record else None
+    path = data_file_path or recorded_path
     if not path:
         raise KoGPT2Error("no training text to compare with: give --data_file_path")
-    column_data = read_text_column(path, recorded.get("column", column) if not data_file_path else column)
-    if not data_file_path and recorded.get("sha256") and recorded["sha256"] != column_data.sha256:
+    if not Path(path).is_file():
+        hint = "" if data_file_path else " (the checkpoint's training CSV, relative to where main.py ran)"
+        raise KoGPT2Error(f"{path}: no such file{hint}; give the training CSV with --data_file_path")
+    columns = [c for c in (record.column if record else None, column) if c]
+    csv = CsvColumn(path, columns[0], alternatives=columns[1:])
+    if not data_file_path and record.data_sha256 and record.data_sha256 != csv.sha256:
         raise KoGPT2Error(f"{path} changed since the checkpoint was trained on it; give --data_file_path explicitly")
-    return TrainingText(column_data.texts, tokenizer)
+    return TrainingText(csv.texts, tokenizer)
+
+
+def copy_check(training: TrainingText, copy_words: int) -> Callable[[str], bool]:
+    """``--no_copy``: a sample passes if it is no training row and shares at most ``copy_words`` words in a row."""
+    def new_text(text: str) -> bool:
+        return not training.is_copy(text) and training.words.longest_shared(normalise(text).split(" ")) <= copy_words
+
+    return new_text
 
 
 def distinct_n(texts: list[str], n: int) -> float:
@@ -90,3 +111,18 @@ def summarise(samples: list[dict]) -> dict:
         "distinct_1": distinct_n(texts, 1),
         "distinct_2": distinct_n(texts, 2),
     }
+
+
+def write_report(path: str, samples: list[Sample], training: TrainingText, source: str) -> None:
+    """Per sample: copy or not, longest run shared with the training text (words, tokens); then averages and
+    distinct-1/2 over all samples."""
+    rows = [{"prompt": s.prompt, "text": s.text, "seed": s.seed, "sample_index": s.index, **training.measure(s.text)}
+            for s in samples]
+    summary = summarise(rows)
+    report = {"checkpoint": source, "settings": samples[0].settings.to_dict() if samples else {},
+              "summary": summary, "samples": rows}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
+    print(f"report: {summary['samples']} samples, copy rate {summary['copy_rate']:.2f}, longest shared run "
+          f"{summary['mean_longest_shared_words']:.1f} words on average, distinct-1 {summary['distinct_1']:.2f}, "
+          f"distinct-2 {summary['distinct_2']:.2f} -> {path}")

@@ -12,6 +12,11 @@ def pick_device(name: str) -> torch.device:
     if name != "auto":
         if name.startswith("cuda") and not torch.cuda.is_available():
             raise KoGPT2Error(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+        if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+            raise KoGPT2Error(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                              f"numbered from 0")
+        if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise KoGPT2Error("--device mps: Apple's GPU is not available here; use --device cpu")
         return torch.device(name)
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -47,3 +52,8 @@ def keep_freed_memory() -> None:
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
     libc.mallopt(M_TRIM_THRESHOLD, 16 << 30)
+
+
+def sum_dtype(device: torch.device) -> torch.dtype:
+    """Loss sums stay on the device in float64 (exactly as Python floats added them), float32 where there is none."""
+    return torch.float32 if device.type == "mps" else torch.float64

@@ -23,6 +23,7 @@ class Tokenizer(Protocol):
     data: bytes  # the tokenizer file itself, stored in checkpoints
 
     def encode(self, text: str) -> list[int]: ...
+    def token_id(self, piece: str) -> int | None: ...
     def id_to_piece(self, i: int) -> str: ...
     def decode(self, ids: list[int]) -> str: ...
     def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
@@ -60,6 +61,11 @@ class SentencePieceTokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self._pieces[i]
+
+    def token_id(self, piece: str) -> int | None:
+        """The id of a piece the vocabulary has whole (such as ``<usr>``), else None."""
+        i = self._sp.piece_to_id(piece)
+        return None if i == self.unk_id and piece != "<unk>" else i
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
@@ -123,6 +129,10 @@ class HFTokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self._tok.id_to_token(i)
+
+    def token_id(self, piece: str) -> int | None:
+        """The id of a token the vocabulary has whole (such as ``<usr>``), else None."""
+        return self._tok.token_to_id(piece)
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids

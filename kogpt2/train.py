@@ -1,7 +1,6 @@
 """The fine-tuning loop: packed batches, AdamW with warmup and cosine decay, exact resume, safe stops."""
 from __future__ import annotations
 
-import json
 import math
 import signal
 import time
@@ -11,26 +10,27 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (BEST_NAME, FORMAT_VERSION, checkpoint_name, link_checkpoint, regular_checkpoints,
-                         remove_stale_temporaries, save_checkpoint, tokenizer_record)
-from .data import PackedData, epoch_order, inputs_and_targets
+from .chat import ChatFormat
+from .checkpoint import (BEST_NAME, checkpoint_name, link_checkpoint, remove_stale_temporaries, rotate,
+                         save_checkpoint, training_payload)
+from .defaults import BATCH_SIZE, FINETUNE_LR, TRAINING_SAMPLE, TRAINING_SAMPLE_PHRASE, TRAINING_SAMPLE_QUESTION
 from .distributed import World
-from .errors import KoGPT2Error
-from .generate import SamplingSettings, TextStream, generate_ids, never_generated
-from .loss import IGNORE_INDEX
-from .model import GPT, hf_state_dict
+from .generate import TextSampler
+from .hf_layout import hf_state_dict
+from .metrics_log import MetricsLog
+from .model import GPT
+from .packing import PackedData, epoch_order
+from .runtime import sum_dtype
+from .steps import batch_loss_sum, evaluate
 from .tokenizer import Tokenizer
-
-METRICS_NAME = "metrics.jsonl"
-
 
 @dataclass
 class TrainSettings:
     save_path: str = "checkpoint"
     epochs: int = 1
-    batch_size: int = 4
+    batch_size: int = BATCH_SIZE
     grad_accum: int = 1
-    lr: float = 3e-5
+    lr: float = FINETUNE_LR
     warmup: int = -1  # optimizer steps; -1: 5% of the run
     weight_decay: float = 0.01
     clip: float = 1.0
@@ -40,8 +40,8 @@ class TrainSettings:
     patience: int = 0  # evaluations without a better validation loss before stopping; 0: never stop early
     seed: int = 42
     precision: str = "fp32"
-    sample_phrase: str = "우리"
-    sample_tokens: int = 40
+    sample_phrase: str = TRAINING_SAMPLE_PHRASE
+    chat: bool = False  # samples answer TRAINING_SAMPLE_QUESTION instead
     samples_dir: str | None = None
     tensorboard: bool = False
 
@@ -54,6 +54,7 @@ class Progress:
     epoch: int = 0
     batch_in_epoch: int = 0  # batches of ``epoch`` already consumed
     best_val_loss: float = math.inf
+    best_step: int = 0
     evals_without_improvement: int = 0
     loss: float = math.nan
 
@@ -95,56 +96,14 @@ def make_optimizer(model: GPT, settings: TrainSettings) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.999), fused=fused or None)
 
 
-def autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def token_loss_sum(model, blocks: torch.Tensor, real: torch.Tensor, device, precision: str) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over the real targets of some blocks, and how many there were.
-
-    ``model`` is the GPT or its DistributedDataParallel wrapper (whose forward is what syncs gradients)."""
-    inputs, targets = inputs_and_targets(blocks, real)
-    inputs, targets = inputs.to(device), targets.to(device)
-    with autocast(device, precision):
-        loss = model(inputs, targets=targets)
-    return loss, int((targets != IGNORE_INDEX).sum())
-
-
-@torch.no_grad()
-def evaluate(model: GPT, data: PackedData, batch_size: int, precision: str, progress: bool = False) -> float:
-    """Mean cross-entropy per real token (its exp is the perplexity)."""
-    from tqdm.auto import tqdm
-
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for start in tqdm(range(0, len(data.blocks), batch_size), desc="evaluating", unit="batch", disable=not progress):
-        loss, n = token_loss_sum(model, data.blocks[start:start + batch_size],
-                                 data.real_tokens[start:start + batch_size], device, precision)
-        total, count = total + loss.item(), count + n
-    model.train(was_training)
-    return total / max(1, count)
-
-
-def _tensorboard_writer(folder: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise KoGPT2Error("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-    return SummaryWriter(str(folder / "tensorboard"))
-
-
 class Trainer:
     def __init__(self, model: GPT, tokenizer: Tokenizer, train_data: PackedData, val_data: PackedData | None,
-                 settings: TrainSettings, record: dict, log=print, world: World = World()) -> None:
-        """``record`` is stored as-is in every checkpoint (data source, arguments, pretrained source).
+                 settings: TrainSettings, source: dict, log=print, world: World = World()) -> None:
+        """``source`` (``checkpoint.source_record``: data, arguments, pretrained model) goes into every checkpoint.
 
         Under torchrun each step's global batch of ``batch_size x world.size`` blocks is split between the ranks,
         so N processes follow the same path as one process with an N times larger batch."""
-        self.model, self.tokenizer, self.settings, self.record, self.world = model, tokenizer, settings, record, world
+        self.model, self.tokenizer, self.settings, self.source, self.world = model, tokenizer, settings, source, world
         self.log = log if world.is_main else (lambda *args, **kwargs: None)
         self.train_data, self.val_data = train_data, val_data
         self.device = next(model.parameters()).device
@@ -163,7 +122,7 @@ class Trainer:
         self.last_saved_step = -1
         self.last_path: Path | None = None
         self.val_ppl: float | None = None
-        self.tensorboard = _tensorboard_writer(self.save_path) if settings.tensorboard and world.is_main else None
+        self.metrics = MetricsLog(self.save_path, settings.tensorboard) if world.is_main else None
         if self.save_path.is_dir() and world.is_main:
             remove_stale_temporaries(self.save_path)
 
@@ -175,22 +134,13 @@ class Trainer:
         return rng
 
     def state(self, rng_per_rank: list[dict]) -> dict:
-        return {
-            "format_version": FORMAT_VERSION,
-            "epoch": self.progress.epoch,
-            "train_no": self.progress.step,
-            "loss": self.progress.loss,
-            "model_state_dict": hf_state_dict(self.model),
-            "optimizer_state_dict": self.optimizer.state_dict(),
-            "config": self.model.config.to_dict(),
-            "tokenizer": tokenizer_record(self.tokenizer),
-            "progress": asdict(self.progress),
-            "schedule": {"total_steps": self.total_steps, "lr": learning_rate(self.progress.step, self.settings, self.total_steps)},
-            "settings": asdict(self.settings),
-            "rng": {**rng_per_rank[0], "per_rank": rng_per_rank},
-            "data_fingerprint": self.train_data.fingerprint,
-            **self.record,
-        }
+        return training_payload(
+            model_state=hf_state_dict(self.model), optimizer_state=self.optimizer.state_dict(),
+            config=self.model.config.to_dict(), tokenizer=self.tokenizer, progress=asdict(self.progress),
+            schedule={"total_steps": self.total_steps,
+                      "lr": learning_rate(self.progress.step, self.settings, self.total_steps)},
+            settings=asdict(self.settings), rng={**rng_per_rank[0], "per_rank": rng_per_rank}, scaler=None,
+            data_fingerprint=self.train_data.fingerprint, source=self.source)
 
     def restore(self, payload: dict) -> None:
         """Continue a run exactly: optimizer moments, counters, position in the epoch and random state."""
@@ -205,8 +155,8 @@ class Trainer:
             self.log("note: the training data differ from the checkpoint's; continuing from the start of its epoch")
             self.progress.batch_in_epoch = 0
         self.last_saved_step = self.progress.step
-        if self.world.is_main:
-            self._trim_metrics()
+        if self.metrics is not None:
+            self.metrics.trim(self.progress.step)
 
     def save(self, best: bool = False) -> Path:
         """Write ``KoGPT2_checkpoint_<step>.tar`` (once per step), keep the newest ``keep_last``, and link the best.
@@ -219,38 +169,12 @@ class Trainer:
         if self.last_saved_step != self.progress.step:
             save_checkpoint(path, self.state(rng_per_rank))
             self.last_saved_step = self.progress.step
-            if self.settings.keep_last > 0:
-                for _, old in regular_checkpoints(self.save_path)[:-self.settings.keep_last]:
-                    old.unlink(missing_ok=True)
+            rotate(self.save_path, self.settings.keep_last)
         if best:
             link_checkpoint(path, self.save_path / BEST_NAME)
         return path
 
     # ---- metrics -------------------------------------------------------------------------------------------------
-    @property
-    def metrics_path(self) -> Path:
-        return self.save_path / METRICS_NAME
-
-    def _metric(self, **values) -> None:
-        if not self.world.is_main:
-            return
-        self.save_path.mkdir(parents=True, exist_ok=True)
-        with self.metrics_path.open("a", encoding="utf-8") as file:
-            file.write(json.dumps(values, ensure_ascii=False) + "\n")
-        if self.tensorboard is not None:
-            for name, value in values.items():
-                if name != "step":
-                    self.tensorboard.add_scalar(name, value, values["step"])
-            self.tensorboard.flush()
-
-    def _trim_metrics(self) -> None:
-        """Forget lines logged after the checkpoint we resume from, so the log has each step once."""
-        if not self.metrics_path.exists():
-            return
-        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
-        keep = [line for line in lines if line.strip() and json.loads(line)["step"] <= self.progress.step]
-        self.metrics_path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-
     # ---- evaluation and samples ------------------------------------------------------------------------------
     def _evaluate(self) -> tuple[float | None, bool]:
         if self.val_data is None:
@@ -261,23 +185,27 @@ class Trainer:
         improved = val_loss < self.progress.best_val_loss
         if improved:
             self.progress.best_val_loss = val_loss
+            self.progress.best_step = self.progress.step
             self.progress.evals_without_improvement = 0
         else:
             self.progress.evals_without_improvement += 1
         return val_loss, improved
 
     def _sample(self) -> str:
-        """A short text from the fixed phrase, drawn with its own generator so the run's randomness is untouched."""
-        prompt = [self.tokenizer.bos_id] + self.tokenizer.encode(self.settings.sample_phrase)
-        stream = TextStream(self.tokenizer, prompt)
-        generator = torch.Generator(device=self.device).manual_seed(self.settings.seed)
-        settings = SamplingSettings(temperature=0.8, top_k=40, top_p=0.95, text_size=self.settings.sample_tokens)
+        """A short text from the fixed phrase (chat: an answer to the fixed question), drawn with the run's seed on
+        its own generator, so the run's randomness is untouched."""
         was_training = self.model.training
         self.model.eval()
-        text = self.settings.sample_phrase + "".join(
-            stream.push(t) for (t,) in generate_ids(self.model, prompt, settings, self.tokenizer.eos_id, 1, generator,
-                                                    never_generated(self.tokenizer))
-            if t is not None)
+        if self.settings.chat:
+            chat = ChatFormat(self.tokenizer)
+            sampler = TextSampler(self.model, self.tokenizer, stop_ids=(chat.usr_id,))
+            prompt = chat.prompt(TRAINING_SAMPLE_QUESTION, [], self.model.config.n_positions)
+            answer = sampler.complete(prompt, TRAINING_SAMPLE, self.settings.seed)[0]
+            text = f"{TRAINING_SAMPLE_QUESTION} -> {answer}"
+        else:
+            sampler = TextSampler(self.model, self.tokenizer)
+            phrase = self.settings.sample_phrase
+            text = phrase + sampler.complete(sampler.prompt_ids(phrase), TRAINING_SAMPLE, self.settings.seed)[0]
         self.model.train(was_training)
         if self.settings.samples_dir:
             folder = Path(self.settings.samples_dir)
@@ -333,7 +261,8 @@ class Trainer:
                     entry.update(val_loss=val_loss, val_ppl=self.val_ppl)
                 if self.world.is_main:
                     bar.write(f"[step {progress.step}] sample: {self._sample()}")
-            self._metric(**entry)
+            if self.metrics is not None:
+                self.metrics.write(**entry)
             bar.set_postfix(loss=f"{loss:.3f}", val_ppl=f"{self.val_ppl:.2f}" if self.val_ppl else "-",
                             tok_s=f"{tokens_per_s:.0f}")
             bar.update(1)
@@ -356,17 +285,16 @@ class Trainer:
         for param_group in self.optimizer.param_groups:
             param_group["lr"] = learning_rate(self.progress.step, settings, self.total_steps)
         total_tokens = int(sum(self.train_data.real_tokens[idx].sum() for idx in group))
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), dtype=sum_dtype(self.device), device=self.device)
         for n, idx in enumerate(group):
             mine = idx.tensor_split(world.size)[world.rank]
             syncing = n == len(group) - 1 or not world.active
             with nullcontext() if syncing else self.forward_model.no_sync():  # gradients travel once per step
-                loss, _ = token_loss_sum(self.forward_model, self.train_data.blocks[mine],
-                                         self.train_data.real_tokens[mine], self.device, settings.precision)
+                loss = batch_loss_sum(self.forward_model, self.train_data.batch(mine), self.device, settings.precision)
                 (loss * (world.size / total_tokens)).backward()  # DDP averages over ranks: undo that, keep the sum
-            loss_sum += loss.item()
+            loss_sum += loss.detach()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), settings.clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum, stops = world.sum([loss_sum, float(stop_here)])
+        loss_sum, stops = world.sum([loss_sum.item(), float(stop_here)])  # the step's one host sync
         return loss_sum / max(1, total_tokens), total_tokens, stops > 0

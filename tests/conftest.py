@@ -78,6 +78,13 @@ def v1_release(tmp_path, v1_spiece):
 
 
 SAMPLE_CSV = REPO / "data" / "sample.csv"
+ROWS = ["오늘 아침에는 창문을 열었다.", "우리 동네 빵집은 새벽에 문을 연다.", "고양이는 햇볕이 드는 자리를 찾는다.",
+        "비 오는 날이면 옛날 노래를 듣는다.", "동생은 라면에 계란을 두 개 넣는다."]
+
+
+def write_csv(path: Path, rows: list[str], column: str = "sent") -> Path:
+    path.write_text(f"score,genre,{column}\n" + "".join(f"1,x,{r}\n" for r in rows), encoding="utf-8")
+    return path
 
 
 def run_main(*argv: str) -> int:

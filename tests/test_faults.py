@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from conftest import REPO, SAMPLE_CSV, TINY_TRAINING, run_generator, run_main, slowed_main, tiny_hf_model
 from kogpt2.checkpoint import load_checkpoint
-from kogpt2.data import read_text_column
+from kogpt2.data import CsvColumn
 from kogpt2.errors import KoGPT2Error
 
 # ---- 1. crash anywhere --------------------------------------------------------------------------------------------
@@ -74,7 +74,8 @@ def test_truncated_checkpoint_is_refused_and_never_restarts(trained, tmp_path, c
         broken.write_bytes(data[:int(len(data) * cut / 10) + 7])
         assert run_main("--load_path", broken, "--save_path", out, *TINY_TRAINING) == 2
         err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and str(broken) in err and "not a usable checkpoint" in err
+        assert len(err.splitlines()) == 1 and str(broken) in err and "is truncated or corrupt" in err
+        assert err.endswith("use an earlier checkpoint or copy it again")  # no cut-off internal zip message
     assert not out.exists()  # no training started from anything else
 
 
@@ -202,7 +203,7 @@ def test_fuzzed_csv_loads_exactly_or_fails_in_one_line(tmp_path_factory, generat
     path = tmp_path_factory.mktemp("fuzz") / "data.csv"
     path.write_bytes(content)
     try:
-        texts = read_text_column(path).texts
+        texts = CsvColumn(path).texts
     except KoGPT2Error as error:
         message = str(error)
         assert "\n" not in message and str(path) in message
@@ -239,7 +240,7 @@ def load_from_hub(hub_url, hf_home, offline=False, tokenizer_only=False):
     env.pop("HF_HUB_OFFLINE", None)
     if offline:
         env["HF_HUB_OFFLINE"] = "1"
-    load = ("from kogpt2.pretrained import load_pretrained_tokenizer\n    print(load_pretrained_tokenizer("
+    load = ("from kogpt2.loading import load_pretrained_tokenizer\n    print(load_pretrained_tokenizer("
             "'skt/kogpt2-base-v2').vocab_size)" if tokenizer_only else "model, _ = load_pretrained('skt/kogpt2-base-v2')"
             "\n    print(model.config.n_embd, model.num_parameters())")
     code = (f"import sys\nfrom kogpt2 import KoGPT2Error, load_pretrained\ntry:\n    {load}\n"

@@ -9,9 +9,12 @@ import pytest
 import torch
 
 from conftest import REPO, run_generator
-from kogpt2.checkpoint import load_checkpoint, model_from_checkpoint
-from kogpt2.generate import SamplingSettings, TextStream, generate_ids, never_generated
-from kogpt2.session import Generator
+from kogpt2.checkpoint import load_checkpoint
+from kogpt2.loading import model_from_checkpoint
+from kogpt2.defaults import SamplingSettings
+from kogpt2.generate import TextStream, generate_ids, never_generated
+from kogpt2.generate import TextSampler
+from kogpt2.prompt_loop import PromptLoop
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +26,9 @@ def model_and_tokenizer(trained):
 
 def generate(model, tokenizer, prompt, seed=None, **settings):
     out = []
-    generator = Generator(model, tokenizer, SamplingSettings(**settings), seed, out=type("Sink", (), {
+    loop = PromptLoop(TextSampler(model, tokenizer), SamplingSettings(**settings), seed, out=type("Sink", (), {
         "write": lambda self, t: out.append(t), "flush": lambda self: None})())
-    return generator.run(prompt)[0].text, "".join(out)
+    return loop.run(prompt)[0].text, "".join(out)
 
 
 def argmax_by_full_forwards(model, ids, steps, eos_id, suppress):
@@ -58,7 +61,7 @@ def test_greedy_equals_argmax_of_full_forwards(model_and_tokenizer, settings):
 def test_sliding_window_keeps_generating_past_the_context(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     settings = SamplingSettings(temperature=1.0, text_size=model.config.n_positions + 50)
-    steps = list(generate_ids(model, [tokenizer.bos_id], settings, eos_id=-1, generator=torch.Generator().manual_seed(0)))
+    steps = list(generate_ids(model, [tokenizer.bos_id], settings, eos_id=-1, rng=torch.Generator().manual_seed(0)))
     assert len(steps) == model.config.n_positions + 50
 
 
@@ -161,7 +164,7 @@ def test_batch_csv_is_excel_readable_and_rows_regenerate(trained, tmp_path, caps
 @pytest.mark.parametrize("make, message", [
     (lambda d: d / "missing.tar", "no such checkpoint file"),
     (lambda d: d / "cut.tar" if (d / "cut.tar").write_bytes(b"PK\x03\x04 truncated") else None,
-     "is not a usable checkpoint"),
+     "is truncated or corrupt"),
 ])
 def test_bad_load_path_is_one_line_and_exit_2(tmp_path, capsys, make, message):
     path = make(tmp_path)
@@ -175,7 +178,7 @@ def test_checkpoint_whose_vocab_does_not_fit_its_tokenizer(trained, tmp_path, ca
     payload["config"]["vocab_size"] += 7
     torch.save(payload, tmp_path / "odd.tar")
     assert run_generator("--load_path", tmp_path / "odd.tar", "--tmp_sent", "x") == 2
-    assert "vocabulary has" in capsys.readouterr().err
+    assert "vocabulary of 1007 tokens but the tokenizer has 1000" in capsys.readouterr().err
 
 
 def test_real_process_with_piped_stdin(trained):

@@ -89,4 +89,4 @@ def test_offline_hub_id_fails_fast_with_a_clear_message(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert time.monotonic() - start < 20
     assert result.returncode != 0
-    assert "cannot get skt/kogpt2-base-v2" in result.stderr and "--pretrained scratch" in result.stderr
+    assert "cannot get skt/kogpt2-base-v2" in result.stderr and "--pretrained FOLDER" in result.stderr

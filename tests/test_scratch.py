@@ -10,11 +10,13 @@ import sys
 import pytest
 
 from conftest import REPO, SAMPLE_CSV, TINY_TRAINING, run_main
-from kogpt2.checkpoint import load_checkpoint, model_from_checkpoint
+from kogpt2.checkpoint import load_checkpoint
+from kogpt2.loading import model_from_checkpoint
 from kogpt2.errors import KoGPT2Error
 from kogpt2.scratch import scratch_size, train_tokenizer, vocab_size_for
-from kogpt2.session import Generator
-from kogpt2.generate import SamplingSettings
+from kogpt2.generate import TextSampler
+from kogpt2.prompt_loop import PromptLoop
+from kogpt2.defaults import SamplingSettings
 
 
 def training_texts() -> list[str]:
@@ -53,10 +55,10 @@ def test_tiny_model_learns_the_sample(trained):
 
     model, tokenizer = model_from_checkpoint(payload, "best")
     corpus = "\n".join(training_texts())
-    generator = Generator(model.eval(), tokenizer, SamplingSettings(temperature=0, text_size=30), seed=0,
-                          out=open("/dev/null", "w"))
+    loop = PromptLoop(TextSampler(model.eval(), tokenizer), SamplingSettings(temperature=0, text_size=30), seed=0,
+                      out=open("/dev/null", "w"))
     prompt = "저녁에 카페에서"
-    continuation = generator.run(prompt)[0].text[len(prompt):].strip()
+    continuation = loop.run(prompt)[0].text[len(prompt):].strip()
     assert len(continuation) >= 5 and continuation in corpus
 
 
@@ -64,25 +66,6 @@ def quickstart_commands() -> list[str]:
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     block = re.search(r"<!-- quickstart -->\s*```bash\n(.*?)```", readme, re.S).group(1)
     return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
-
-
-@pytest.mark.slow
-def test_first_scratch_run_parses_the_csv_once(tmp_path, monkeypatch):
-    """The tokenizer is learnt from the rows training then uses: one read of a big CSV, not two."""
-    import kogpt2.data
-
-    parse, full_parses = kogpt2.data._parse, []
-
-    def counting_parse(raw, path, *args, header_only=False):
-        if not header_only:
-            full_parses.append(path)
-        return parse(raw, path, *args, header_only=header_only)
-
-    monkeypatch.setattr(kogpt2.data, "_parse", counting_parse)
-    csv_path = tmp_path / "fresh.csv"  # no token cache next to it yet
-    shutil.copy(SAMPLE_CSV, csv_path)
-    assert run_main("--epoch", 1, "--data_file_path", csv_path, "--save_path", tmp_path / "run", *TINY_TRAINING) == 0
-    assert full_parses == [csv_path]
 
 
 def test_readme_quickstart_runs_offline_in_a_clean_checkout(tmp_path):

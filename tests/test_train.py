@@ -7,12 +7,11 @@ import sys
 import time
 
 import pytest
-import numpy as np
 import torch
 
 from conftest import REPO, SAMPLE_CSV, TINY_TRAINING, TRAINED_EPOCHS, run_generator, run_main, slowed_main
 from kogpt2.checkpoint import load_checkpoint
-from kogpt2.data import pack, read_text_column, tokenize_rows
+from kogpt2.data import CsvColumn
 
 def start_slow_main(*argv) -> subprocess.Popen:
     """main.py in a real separate process, each step slowed so it can be killed in the middle of training."""
@@ -43,7 +42,7 @@ def test_end_to_end_on_the_sample(trained, capsys):
                 "rng", "progress", "settings", "format_version"):
         assert key in payload
     assert payload["progress"]["epoch"] == TRAINED_EPOCHS
-    assert payload["data"]["sha256"] == read_text_column(SAMPLE_CSV).sha256
+    assert payload["data"]["sha256"] == CsvColumn(SAMPLE_CSV).sha256
     capsys.readouterr()
     assert run_generator("--load_path", trained / "KoGPT2_best.tar", "--tmp_sent", "오늘", "--seed", "3",
                          "--text_size", "10") == 0
@@ -106,52 +105,6 @@ def test_sigint_saves_and_exits_zero(tmp_path):
     assert "Traceback" not in err
 
 
-def test_every_character_survives(tmp_path, v2_tokenizer_json):
-    from kogpt2.tokenizer import load_tokenizer
-
-    texts = ["마지막 글자까지!", "첫 줄\n둘째 줄.", "따옴표 \"안\"의, 쉼표?", "끝에 점..."]
-    csv = tmp_path / "lines.csv"
-    csv.write_text("score,genre,sent\n" + "".join(f'1,x,"{t.replace(chr(34), chr(34) * 2)}"\n' for t in texts),
-                   encoding="utf-8")
-    column = read_text_column(csv)
-    assert column.texts == texts
-    tokenizer = load_tokenizer(v2_tokenizer_json)
-    tokenized = tokenize_rows(column.texts, tokenizer)
-    rows = [tokenized.row(i) for i in range(len(tokenized))]
-    packed = pack(tokenized, 8, tokenizer.pad_id)
-    stream = packed.blocks[:, :-1].reshape(-1).tolist() + [packed.blocks[-1, -1].item()]
-    assert stream[:packed.tokens] == [t for row in rows for t in row]
-    for row, text in zip(rows, texts):
-        assert row[0] == tokenizer.bos_id and row[-1] == tokenizer.eos_id
-        assert tokenizer.decode(row) == text
-
-
-def test_korean_excel_encodings_load_the_same_rows(tmp_path):
-    text = "score,genre,sent\n1,일상,한글 문장입니다.\n2,시,\"여러 줄\n시\"\n3,x,\n"
-    for name, encoding in (("utf8", "utf-8"), ("bom", "utf-8-sig"), ("cp949", "cp949"), ("euckr", "euc-kr")):
-        (tmp_path / f"{name}.csv").write_bytes(text.encode(encoding))
-    want = read_text_column(tmp_path / "utf8.csv")
-    assert want.texts == ["한글 문장입니다.", "여러 줄\n시"] and want.rows_empty == 1
-    for name in ("bom", "cp949", "euckr"):
-        assert read_text_column(tmp_path / f"{name}.csv").texts == want.texts
-
-
-@pytest.mark.parametrize("content, column, message", [
-    (None, "sent", "no such file"),
-    (b"", "sent", "is empty"),
-    (b"score,genre,text\n1,a,hello\n", "sent", "no column 'sent' (columns found: score, genre, text)"),
-    (b"score,genre,sent\n1,a,\n2,b,  \n", "sent", "column 'sent' has no text in any of its 2 rows"),
-    (b"\xff\xfe\x00\x01\x02garbage\x80\x81", "sent", "is neither UTF-8 nor CP949"),
-])
-def test_bad_csv_is_one_clear_line_and_exit_2(tmp_path, capsys, content, column, message):
-    csv = tmp_path / "input.csv"
-    if content is not None:
-        csv.write_bytes(content)
-    assert run_main("--data_file_path", csv, "--column", column, "--save_path", tmp_path, *TINY_TRAINING) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and message in err and str(csv) in err
-
-
 def test_offline_pretrained_fails_fast_through_the_cli(tmp_path):
     env = {"HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin"}
     start = time.monotonic()
@@ -187,7 +140,7 @@ def test_2020_checkpoint_with_the_v2_tokenizer_is_refused(tmp_path, v1_release, 
     torch.save({"epoch": 0, "train_no": 1, "model_state_dict": hf.state_dict(), "optimizer_state_dict": {}, "loss": 1.0}, old)
     assert run_main("--load_path", old, "--pretrained", v2_folder, "--save_path", tmp_path / "o") == 2
     err = capsys.readouterr().err
-    assert "vocabulary has 50000 tokens but the tokenizer has 51200" in err
+    assert "vocabulary of 50000 tokens but the tokenizer has 51200" in err
 
 
 def test_finished_run_says_there_is_nothing_to_do(trained, tmp_path, capsys):
@@ -206,25 +159,11 @@ def test_cpu_with_bf16_instructions_suggests_bf16_once(tmp_path, capsys, monkeyp
     assert capsys.readouterr().out.count("--precision bf16 trains about 1.8x faster") == tip
 
 
-def test_tokenized_rows_are_cached_next_to_the_csv(tmp_path, v2_tokenizer_json, monkeypatch):
-    import kogpt2.data as data
-    from kogpt2.tokenizer import load_tokenizer
+def test_tensorboard_flag_logs_or_says_how_to_install(tmp_path, capsys):
+    import importlib.util
 
-    tokenizer = load_tokenizer(v2_tokenizer_json)
-    csv = tmp_path / "train.csv"
-    csv.write_text("sent\n첫 문장\n둘째 문장\n", encoding="utf-8")
-    first, info = data.load_rows(csv, "sent", None, tokenizer)
-    assert len(list(tmp_path.glob(".train.csv.*.kogpt2cache.npz"))) == 1
-
-    def no_parsing(*args, **kwargs):
-        raise AssertionError("the cache was not used")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(data, "_parse", no_parsing)
-        again, info_again = data.load_rows(csv, "sent", None, tokenizer)
-    assert np.array_equal(first.ids, again.ids) and np.array_equal(first.offsets, again.offsets)
-    assert (info_again.rows_read, info_again.sha256) == (2, info.sha256)
-
-    csv.write_text("sent\n바뀐 문장\n", encoding="utf-8")
-    changed, _ = data.load_rows(csv, "sent", None, tokenizer)
-    assert len(changed) == 1 and len(list(tmp_path.glob(".train.csv.*.kogpt2cache.npz"))) == 1
+    code = run_main("--epoch", 1, "--save_path", tmp_path, "--tensorboard", *TINY_TRAINING)
+    if importlib.util.find_spec("tensorboard") is None:
+        assert code == 2 and "--tensorboard needs the tensorboard package: pip install tensorboard" in capsys.readouterr().err
+    else:
+        assert code == 0 and list((tmp_path / "tensorboard").iterdir())

@@ -1,0 +1,68 @@
+"""Every default in one torch-free place: the CLIs, the sampling engine, training and the exporter read them here,
+so a ``--help`` text, an exported ``generation_config.json`` and a training sample can never disagree."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+from .errors import KoGPT2Error
+
+PRETRAINED = "skt/kogpt2-base-v2"
+TEXT_COLUMN = "sent"
+QUESTION_COLUMN = "Q"  # ChatbotData.csv's columns
+ANSWER_COLUMN = "A"
+SAVE_PATH = "checkpoint/"
+
+EPOCHS = 5
+BATCH_SIZE = 4
+MAX_LEN = 256  # tokens per training block, or the model's context if shorter
+FINETUNE_LR = 3e-5  # the original's
+SCRATCH_LR = 1e-3  # a fresh small model learns nothing at a fine-tuning rate
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How the next tokens are drawn. The defaults are ``generator.py``'s and the exported model's."""
+
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 40  # 0: all tokens
+    top_p: float = 0.9
+    repetition_penalty: float = 1.0
+    no_repeat_ngram: int = 0
+    text_size: int = 250  # most new tokens
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise KoGPT2Error(f"temperature must be 0 (greedy) or a positive number, not {self.temperature}")
+        if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
+            raise KoGPT2Error(f"top_p must be in (0, 1], not {self.top_p}")
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise KoGPT2Error(f"repetition_penalty must be a positive number, not {self.repetition_penalty}")
+        if self.top_k < 0:
+            raise KoGPT2Error(f"top_k must be 0 (all tokens) or more, not {self.top_k}")
+        if self.no_repeat_ngram < 0:
+            raise KoGPT2Error(f"no_repeat_ngram must be 0 (off) or more, not {self.no_repeat_ngram}")
+        if self.text_size < 1:
+            raise KoGPT2Error(f"text_size must be at least 1, not {self.text_size}")
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        values["stop"] = list(self.stop)
+        return values
+
+    def with_value(self, name: str, value) -> "SamplingSettings":
+        return replace(self, **{name: value})
+
+
+SAMPLING = SamplingSettings()
+NUM_SAMPLES = 1
+# Chat answers: short, varied, and without the loops a plain sampler falls into on a small chat corpus.
+CHAT_SAMPLING = SamplingSettings(temperature=0.8, top_k=40, top_p=0.9, repetition_penalty=1.2, text_size=64)
+CHAT_HISTORY = 0  # turns kept as context, as in the KoGPT2-chatbot recipe
+
+# The short text printed at each evaluation while training: a fixed phrase, drawn with the run's seed.
+TRAINING_SAMPLE_PHRASE = "우리"
+TRAINING_SAMPLE_QUESTION = "오늘 뭐 하고 놀까?"  # chat runs answer this instead
+TRAINING_SAMPLE = SamplingSettings(temperature=0.8, top_k=40, top_p=0.95, text_size=40)

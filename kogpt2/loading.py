@@ -1,0 +1,106 @@
+"""The one way to open a model: a checkpoint (ours or 2020's), a file main.py or the exporter wrote, a hub id, a
+Hugging Face folder, or the v1 release files. Every CLI (training, generation, evaluation, export) comes here."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import (CheckpointRecord, find_checkpoint, is_ours, load_checkpoint, read_record,
+                         tokenizer_of)
+from .defaults import PRETRAINED
+from .errors import KoGPT2Error
+from .hf_layout import infer_config, load_hf_state_dict
+from .model import GPT, GPTConfig
+from .pretrained import load_weights, locate
+from .tokenizer import Tokenizer, load_tokenizer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class OpenedModel:
+    model: GPT
+    tokenizer: Tokenizer
+    source: str  # what it was opened from, for messages and output files
+    record: CheckpointRecord | None  # None: a pretrained release, not a checkpoint
+    payload: dict | None  # the checkpoint's contents, for a resume
+
+
+def model_from_weights(state: dict[str, torch.Tensor], config: GPTConfig, tokenizer: Tokenizer, source: str) -> GPT:
+    """A GPT with these weights, after checking that they fit the tokenizer (the classic v1/v2 mix-up)."""
+    if config.vocab_size != tokenizer.vocab_size:
+        raise KoGPT2Error(
+            f"{source}: the weights have a vocabulary of {config.vocab_size} tokens but the tokenizer has "
+            f"{tokenizer.vocab_size} (v1 weights need the v1 SentencePiece tokenizer, v2 weights the v2 tokenizer.json)")
+    model = GPT(config)
+    try:
+        load_hf_state_dict(model, state)
+    except KoGPT2Error as error:
+        raise KoGPT2Error(f"{source}: {error}") from None
+    return model
+
+
+def load_pretrained(source: str = PRETRAINED, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
+    """A model (eval mode) and its tokenizer from a hub id, an HF-layout directory or a directory of v1 files."""
+    files = locate(source)
+    tokenizer = load_tokenizer(files.tokenizer)
+    state = load_weights(files.weights)
+    config = files.config or infer_config(state, activation="gelu")  # v1 was trained with the exact erf GELU
+    return model_from_weights(state, config, tokenizer, str(files.weights)).to(device).eval(), tokenizer
+
+
+def load_pretrained_tokenizer(source: str) -> Tokenizer:
+    """Only the tokenizer of a release (a 2020 checkpoint brings its own weights)."""
+    return load_tokenizer(locate(source, with_weights=False).tokenizer)
+
+
+def model_from_checkpoint(payload: dict, path: str | Path, tokenizer: Tokenizer | None = None) -> tuple[GPT, Tokenizer]:
+    """The model and tokenizer a checkpoint holds. A 2020 checkpoint has no tokenizer: ``tokenizer`` (v1) is used."""
+    state = payload["model_state_dict"]
+    if is_ours(payload):
+        config = GPTConfig.from_dict(payload["config"])
+        tokenizer = tokenizer_of(payload)
+    else:
+        if tokenizer is None:
+            raise KoGPT2Error(f"{path} is a 2020-format checkpoint with no tokenizer inside; "
+                              "give the v1 files with --pretrained DIR (*.params + *.spiece)")
+        try:
+            config = infer_config(state, activation="gelu")
+        except KeyError as error:
+            raise KoGPT2Error(f"{path}: model_state_dict lacks {error}") from None
+    return model_from_weights(state, config, tokenizer, str(path)), tokenizer
+
+
+def is_model_file(source: str) -> bool:
+    """A ``.tar`` that main.py or ``kogpt2.export`` wrote (or a 2020 checkpoint), as opposed to a release."""
+    return Path(source).expanduser().is_file()
+
+
+def open_checkpoint(path: Path, pretrained: str) -> OpenedModel:
+    payload = load_checkpoint(path)
+    tokenizer = None if is_ours(payload) else load_pretrained_tokenizer(pretrained)
+    model, tokenizer = model_from_checkpoint(payload, path, tokenizer)
+    return OpenedModel(model, tokenizer, str(path), read_record(payload, path), payload)
+
+
+def open_model(load_path: str | None, pretrained: str = PRETRAINED, device: torch.device | str = "cpu",
+               dtype: str | None = None, prefer_best: bool = True) -> OpenedModel:
+    """``load_path`` (a checkpoint, or a folder: its best, else newest, checkpoint; with ``prefer_best=False`` the
+    newest, which is what a resume wants) if given, else ``pretrained``: a release or any model file we wrote.
+    ``dtype`` (fp32, bf16, fp16) casts the weights; None keeps them as stored (training)."""
+    if load_path:
+        path = find_checkpoint(load_path, prefer_best)
+        if path is None:
+            raise KoGPT2Error(f"--load_path {load_path}: the folder has no checkpoint (KoGPT2_*.tar)")
+        if not path.is_file():
+            raise KoGPT2Error(f"--load_path {path}: no such checkpoint file")
+        opened = open_checkpoint(path, pretrained)
+    elif is_model_file(pretrained):
+        opened = open_checkpoint(Path(pretrained).expanduser(), PRETRAINED)
+    else:
+        model, tokenizer = load_pretrained(pretrained)
+        opened = OpenedModel(model, tokenizer, pretrained, None, None)
+    opened.model.to(device=device, dtype=DTYPES[dtype] if dtype else None)
+    return opened

@@ -1,0 +1,165 @@
+"""Token ids -> training blocks: text rows packed back to back, or whole chat examples with their own attention; and
+the seeded, resumable order of the blocks and the validation split."""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from functools import cached_property, partial
+
+import numpy as np
+import torch
+
+from .chat import ChatFormat, read_pairs
+from .data import CsvColumn, CsvFile, TokenizedRows
+from .loss import IGNORE_INDEX
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class PackedData:
+    """Rows concatenated and cut into blocks of ``block_size + 1`` tokens (inputs and shifted targets).
+
+    Packing wastes no compute on padding; only the last block is padded, and its padding is left out of the loss.
+    A row longer than a block simply continues in the next one.
+    """
+
+    blocks: torch.Tensor  # [n_blocks, block_size + 1] int64 token ids
+    real_tokens: torch.Tensor  # [n_blocks] how many targets of each block count
+    rows: int
+    rows_split: int  # rows longer than a block, spread over several (chat: cut to fit)
+    tokens: int
+    targets: torch.Tensor | None = None  # chat: [n_blocks, block_size], the question's targets masked
+    segments: torch.Tensor | None = None  # chat: [n_blocks, block_size], which example each position belongs to
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Identifies the training data in checkpoints; hashed once (a million rows are ~160 MB of ids)."""
+        digest = hashlib.sha256(self.blocks.numpy().tobytes())
+        if self.targets is not None:
+            digest.update(self.targets.numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def batch(self, idx: torch.Tensor) -> Batch:
+        """Inputs and targets of the blocks ``idx`` (targets past a block's real tokens are ignored)."""
+        inputs = self.blocks[idx, :-1]
+        if self.targets is not None:
+            return Batch(inputs, self.targets[idx], self.segments[idx])
+        targets = self.blocks[idx, 1:].clone()
+        targets[torch.arange(targets.shape[1])[None, :] >= self.real_tokens[idx][:, None]] = IGNORE_INDEX
+        return Batch(inputs, targets, None)
+
+
+@dataclass
+class Batch:
+    inputs: torch.Tensor  # [batch, time]
+    targets: torch.Tensor  # [batch, time], IGNORE_INDEX where nothing counts
+    segments: torch.Tensor | None  # [batch, time] or None (one text stream: plain causal attention)
+
+
+def pack(rows: TokenizedRows, block_size: int, pad_id: int, keep: np.ndarray | None = None) -> PackedData:
+    stream = torch.from_numpy(rows.stream(keep).astype(np.int64))
+    lengths = rows.lengths(keep)
+    n_blocks = max(1, math.ceil((len(stream) - 1) / block_size))
+    padded = torch.full((n_blocks * block_size + 1,), pad_id, dtype=torch.long)
+    padded[:len(stream)] = stream
+    starts = torch.arange(n_blocks) * block_size
+    blocks = padded[starts[:, None] + torch.arange(block_size + 1)]
+    real = (len(stream) - 1 - starts).clamp(max=block_size, min=0)
+    return PackedData(blocks, real, len(lengths), int((lengths > block_size).sum()), len(stream))
+
+
+def pack_examples(examples: list[tuple[list[int], int]], block_size: int, pad_id: int,
+                  keep: np.ndarray | None = None) -> PackedData:
+    """Whole examples (ids, index of the first target that counts) packed into blocks of ``block_size`` inputs: an
+    example never spans two blocks, a block holds as many as fit, and each keeps its own segment number so attention
+    and positions stay inside it. Only targets from ``answer_start`` on count (chat: the answer and its end token).
+    An example longer than a block is cut to fit (counted in ``rows_split``)."""
+    chosen = [e for e, k in zip(examples, keep if keep is not None else [True] * len(examples)) if k]
+    inputs, targets, segments = [], [], []
+    row_in, row_out, row_seg = [], [], []
+    cut = 0
+
+    def close() -> None:
+        fill = block_size - len(row_in)
+        inputs.append(row_in + [pad_id] * fill)
+        targets.append(row_out + [IGNORE_INDEX] * fill)
+        row_seg.extend([len(set(row_seg)) if row_seg else 0] * fill)
+        segments.append(list(row_seg))
+
+    for ids, answer_start in chosen:
+        if len(ids) - 1 > block_size:
+            ids, cut = ids[:block_size + 1], cut + 1
+        if row_in and len(row_in) + len(ids) - 1 > block_size:
+            close()
+            row_in, row_out, row_seg = [], [], []
+        segment = row_seg[-1] + 1 if row_seg else 0
+        row_in += ids[:-1]
+        row_out += [t if i + 1 >= answer_start else IGNORE_INDEX for i, t in enumerate(ids[1:])]
+        row_seg += [segment] * (len(ids) - 1)
+    if row_in or not inputs:
+        close()
+    inputs_t = torch.tensor(inputs, dtype=torch.long)
+    targets_t = torch.tensor(targets, dtype=torch.long)
+    blocks = torch.cat([inputs_t, torch.full((len(inputs), 1), pad_id, dtype=torch.long)], dim=1)
+    return PackedData(blocks, (targets_t != IGNORE_INDEX).sum(1), len(chosen), cut,
+                      sum(len(ids) for ids, _ in chosen), targets_t, torch.tensor(segments, dtype=torch.long))
+
+
+def epoch_order(n_blocks: int, seed: int, epoch: int) -> torch.Tensor:
+    """The same shuffled order for the same seed and epoch, so a resumed run sees exactly the same batches."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n_blocks, generator=generator)
+
+
+def validation_mask(n_rows: int, val_ratio: float, seed: int) -> np.ndarray:
+    """A seeded random share of rows for validation (none for tiny data sets)."""
+    mask = np.zeros(n_rows, dtype=bool)
+    if val_ratio <= 0 or n_rows < 10:
+        return mask
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n_rows, generator=generator).numpy()
+    mask[order[:max(1, round(n_rows * val_ratio))]] = True
+    return mask
+
+
+class Corpus:
+    """The training text of a CSV: its text column, or with ``--chat`` its question/answer pairs."""
+
+    def __init__(self, csv: CsvFile, column: str, chat: bool, question_column: str, answer_column: str,
+                 cache: bool, seed: int) -> None:
+        """``seed`` chooses the validation rows, as ``validation_mask`` does everywhere."""
+        self.chat, self.cache, self.seed = chat, cache, seed
+        if chat:
+            self.pairs = read_pairs(csv, question_column, answer_column)
+            self.column = answer_column
+        else:
+            self.text = CsvColumn(csv, column)
+            self.column = self.text.column
+
+    @property
+    def rows_read(self) -> int:
+        return self.pairs.rows_read if self.chat else self.text.rows_read
+
+    @property
+    def rows_empty(self) -> int:
+        return self.pairs.rows_empty if self.chat else self.text.rows_empty
+
+    def texts(self, val_ratio: float) -> list[str]:
+        """What a scratch tokenizer learns from: the rows training will use (``val_ratio`` 0: all)."""
+        rows = [self.pairs.questions, self.pairs.answers] if self.chat else [self.text.texts]
+        keep = ~validation_mask(len(rows[0]), val_ratio, self.seed)
+        return [t for column in rows for t, k in zip(column, keep) if k]
+
+    def pack(self, tokenizer: Tokenizer, max_len: int, val_ratio: float) -> tuple[PackedData, PackedData | None]:
+        """Training blocks and, with a ``val_ratio``, validation blocks from the held-out rows."""
+        if self.chat:
+            chat = ChatFormat(tokenizer)
+            examples = [chat.example(q, a) for q, a in zip(self.pairs.questions, self.pairs.answers)]
+            val = validation_mask(len(examples), val_ratio, self.seed)
+            packed = partial(pack_examples, examples, max_len, tokenizer.pad_id)
+        else:
+            rows = self.text.token_rows(tokenizer, self.cache)
+            val = validation_mask(len(rows), val_ratio, self.seed)
+            packed = partial(pack, rows, max_len, tokenizer.pad_id)
+        return packed(~val), packed(val) if val.any() else None

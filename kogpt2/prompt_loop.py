@@ -1,0 +1,187 @@
+"""What ``generator.py`` does: open a model, then turn each prompt (typed, piped or from a file) into streamed,
+reproducible samples, with ``/settings`` commands between prompts."""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+from typing import Callable, TextIO
+
+from .defaults import CHAT_SAMPLING, SAMPLING, SamplingSettings
+from .errors import KoGPT2Error
+from .generate import TextSampler, new_seed
+from .outputs import Sample, read_prompts, save_sample_file, write_rows
+
+QUIT = {"", "quit", "exit", "q"}
+HELP = """settings for the next prompts / 다음 입력부터 적용되는 설정:
+  /temperature 0.8   /top_k 40   /top_p 0.95   /repetition_penalty 1.2   /no_repeat_ngram 3
+  /text_size 300     /num_samples 3   /seed 7   /stop 다.   /settings (show)   /help
+  empty line, quit or exit ends / 빈 줄, quit, exit 입력 시 종료"""
+
+
+class PromptLoop:
+    """Samples for one prompt at a time, printed as they are made; the settings can change between prompts."""
+
+    def __init__(self, sampler: TextSampler, settings: SamplingSettings, seed: int | None, num_samples: int = 1,
+                 out: TextIO | None = None, accept: Callable[[str], bool] | None = None, retries: int = 10) -> None:
+        """``accept``, when given, vets each sample (``--no_copy``): a refused one is drawn again with the next
+        seed, up to ``retries`` times, and dropped if none passes."""
+        self.sampler, self.settings, self.seed, self.num_samples = sampler, settings, seed, num_samples
+        self.out = out or sys.stdout
+        self.accept, self.retries = accept, retries
+
+    def run(self, prompt: str, stream: bool = True) -> list[Sample]:
+        """Samples for one prompt; with ``stream`` (and one sample) the text is printed as it is made."""
+        seed = self.seed if self.seed is not None else new_seed()
+        live = stream and self.num_samples == 1 and self.accept is None
+        samples = self._draw(prompt, seed, self.num_samples, live)
+        if self.accept is not None:
+            samples = [self._redraw(sample) for sample in samples]
+            dropped = sum(s is None for s in samples)
+            samples = [s for s in samples if s is not None]
+            if dropped:
+                self._write(f"({dropped} sample(s) only repeated the training text after {self.retries} tries)\n")
+        if stream and not live:
+            for sample in samples:
+                tag = f"[{sample.index + 1}/{sample.num_samples}] " if sample.num_samples > 1 else ""
+                self._write(f"{tag}{sample.text}\n")
+        return samples
+
+    def _redraw(self, sample: Sample) -> Sample | None:
+        """Draw this one sample again with the next seeds; it keeps its place among the prompt's samples."""
+        for attempt in range(1, self.retries + 1):
+            if self.accept(sample.text):
+                return sample
+            seed = (sample.seed + attempt) % 2**32
+            again = self._draw(sample.prompt, seed, 1, live=False)[0]
+            sample = Sample(sample.prompt, again.text, sample.index, sample.num_samples, seed, sample.settings)
+        return sample if self.accept(sample.text) else None
+
+    def _draw(self, prompt: str, seed: int, num_samples: int, live: bool) -> list[Sample]:
+        if live:
+            self._write(prompt)
+        texts = [""] * num_samples
+        for piece in self.sampler.stream(self.sampler.prompt_ids(prompt), self.settings, seed, num_samples):
+            texts[piece.index] += piece.text
+            if live:
+                self._write(piece.text + ("\n" if piece.done else ""))
+        return [Sample(prompt, prompt + text, index, num_samples, seed, self.settings)
+                for index, text in enumerate(texts)]
+
+    def _write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+    def command(self, line: str) -> str:
+        """Apply ``/name value``; returns what to tell the user (the setting is unchanged if the value is bad)."""
+        name, _, value = line[1:].strip().partition(" ")
+        value = value.strip()
+        if name in ("help", "?", ""):
+            return HELP
+        if name == "settings":
+            return f"{self.settings.to_dict()} num_samples={self.num_samples} seed={self.seed}"
+        try:
+            if name == "seed":
+                self.seed = int(value)
+            elif name == "num_samples":
+                if int(value) < 1:
+                    raise KoGPT2Error("must be at least 1")
+                self.num_samples = int(value)
+            elif name == "stop":
+                self.settings = self.settings.with_value("stop", (value,) if value else ())
+            else:
+                kinds = {f.name: f.type for f in fields(SamplingSettings)}
+                if name not in kinds:
+                    return f"unknown setting /{name}; /help lists them"
+                cast = float if kinds[name] == "float" else int
+                self.settings = self.settings.with_value(name, cast(value))
+        except ValueError:
+            return f"/{name}: '{value}' is not a number"
+        except KoGPT2Error as error:
+            return f"/{name}: {error}"
+        return f"{name} = {value}"
+
+
+def prompts_from(first: str | None, interactive: bool, stdin: TextIO, ask: str = "input : "):
+    """The first phrase, then one prompt per input line (asking ``ask`` only on a terminal)."""
+    if first is not None:
+        yield first
+    while True:
+        if interactive:
+            sys.stdout.write(ask)
+            sys.stdout.flush()
+        line = stdin.readline()
+        if not line:
+            if interactive:
+                sys.stdout.write("\n")  # Ctrl-D: leave the shell's prompt on a line of its own
+            return
+        line = line.rstrip("\r\n")
+        if not interactive and not line.strip():
+            continue
+        yield line
+
+
+def settings_from(args: argparse.Namespace, base: SamplingSettings) -> SamplingSettings:
+    """The sampling flags the user gave, over ``base`` (the CLI's defaults, or chat's)."""
+    given = getattr(args, "given", None)
+    values = {f.name: getattr(args, f.name) for f in fields(SamplingSettings)
+              if f.name != "stop" and (given is None or f.name in given)}
+    return SamplingSettings(**{**base.to_dict(), **values, "stop": tuple(args.stop or ())})
+
+
+def run(args: argparse.Namespace) -> int:
+    from .loading import open_model
+    from .report import copy_check, training_text_for, write_report
+    from .runtime import pick_device
+
+    opened = open_model(args.load_path, args.pretrained, pick_device(args.device), args.dtype)
+    opened.model.eval()
+    if args.chat or (opened.record is not None and opened.record.mode == "chat"):
+        from .chat_loop import run_chat
+
+        run_chat(args, opened.model, opened.tokenizer, settings_from(args, CHAT_SAMPLING))
+        return 0
+    settings = settings_from(args, SAMPLING)
+    training = training_text_for(opened.record, args.data_file_path, args.column, opened.tokenizer) \
+        if args.report or args.no_copy else None
+    loop = PromptLoop(TextSampler(opened.model, opened.tokenizer), settings, args.seed, args.num_samples,
+                      accept=copy_check(training, args.copy_words) if args.no_copy else None)
+    produced = (_batch if args.prompts else _conversation)(args, loop, opened.source)
+    if args.report:
+        write_report(args.report, produced, training, opened.source)
+    return 0
+
+
+def _batch(args: argparse.Namespace, loop: PromptLoop, source: str) -> list[Sample]:
+    prompts = read_prompts(args.prompts, args.column, args.encoding)
+    samples = [s for prompt in prompts for s in loop.run(prompt, stream=not args.output)]
+    if args.output:
+        write_rows(args.output, samples, source)
+        print(f"{len(samples)} samples written to {args.output}")
+    return samples
+
+
+def _conversation(args: argparse.Namespace, loop: PromptLoop, source: str) -> list[Sample]:
+    stdin = sys.stdin
+    if hasattr(stdin, "reconfigure"):
+        stdin.reconfigure(errors="replace")  # invalid UTF-8 typed or piped in must not crash the loop
+    interactive = stdin.isatty()
+    produced: list[Sample] = []
+    done = 0
+    try:
+        for prompt in prompts_from(args.tmp_sent, interactive, stdin):
+            if prompt.startswith("/"):
+                print(loop.command(prompt))
+                continue
+            if interactive and prompt.strip().lower() in QUIT:
+                break
+            for sample in loop.run(prompt):
+                produced.append(sample)
+                if args.samples:
+                    save_sample_file(args.samples, sample, source)
+            done += 1
+            if args.loops >= 0 and done >= args.loops:
+                break
+    except KeyboardInterrupt:
+        print()
+    return produced

@@ -1,0 +1,44 @@
+"""Forward passes over packed blocks: the loss of some blocks under the run's precision, and the mean loss over a
+data set (validation during training, and ``python -m kogpt2.evaluate``)."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from .model import GPT
+from .runtime import sum_dtype
+from .packing import Batch, PackedData
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def batch_loss_sum(model, batch: Batch, device: torch.device, precision: str) -> torch.Tensor:
+    """Summed cross-entropy over the targets of a batch that count (left on the device: no host sync).
+
+    ``model`` is the GPT or its DistributedDataParallel wrapper (whose forward is what syncs gradients)."""
+    moved = {"non_blocking": True} if device.type == "cuda" else {}
+    inputs, targets = batch.inputs.to(device, **moved), batch.targets.to(device, **moved)
+    segments = batch.segments.to(device, **moved) if batch.segments is not None else None
+    with autocast(device, precision):
+        return model(inputs, targets=targets, segments=segments)
+
+
+@torch.no_grad()
+def evaluate(model: GPT, data: PackedData, batch_size: int, precision: str, progress: bool = False) -> float:
+    """Mean cross-entropy per target that counts (its exp is the perplexity)."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=sum_dtype(device), device=device)
+    for start in tqdm(range(0, len(data.blocks), batch_size), desc="evaluating", unit="batch", disable=not progress):
+        total += batch_loss_sum(model, data.batch(torch.arange(start, min(start + batch_size, len(data.blocks)))),
+                                device, precision)
+    model.train(was_training)
+    return total.item() / max(1, int(data.real_tokens.sum()))

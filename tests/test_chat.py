@@ -1,0 +1,169 @@
+"""Chat (--chat): KoGPT2-chatbot layout with the real tokenizers, answers-only loss, examples that cannot see each
+other, and a scratch chatbot that answers in Hangul, greedy exactly as transformers."""
+import csv
+import io
+import json
+import re
+
+import pytest
+import torch
+
+from conftest import REPO, run_generator, run_main
+from kogpt2.chat import ChatFormat
+from kogpt2.checkpoint import load_checkpoint
+from kogpt2.loss import IGNORE_INDEX
+from kogpt2.packing import pack_examples
+from kogpt2.tokenizer import load_tokenizer
+
+CHAT_CSV = REPO / "data" / "chat_sample.csv"
+CHAT_TRAINING = ("--chat", "--data_file_path", CHAT_CSV, "--pretrained", "scratch:tiny", "--max_len", 64,
+                 "--batch_size", 8, "--seed", 1)
+
+
+def pairs():
+    with CHAT_CSV.open(encoding="utf-8") as f:
+        return [(row["Q"], row["A"]) for row in csv.DictReader(f)]
+
+
+def test_the_sample_chat_csv_has_enough_pairs():
+    assert len(pairs()) >= 200 and len(set(pairs())) == len(pairs())
+
+
+@pytest.mark.parametrize("which", ["v1", "v2"])
+def test_formatted_examples_are_the_tokenizers_ids_of_the_concatenated_text(which, v1_spiece, v2_tokenizer_json):
+    tokenizer = load_tokenizer(v1_spiece if which == "v1" else v2_tokenizer_json)
+    chat = ChatFormat(tokenizer)
+    assert (chat.usr_id, chat.sys_id) == (2, 4)  # the ids both published vocabularies give <usr> and <sys>
+    for question, answer in pairs()[::7] + [("여러 줄\n질문", "답도\n두 줄"), ("😀", "하하")]:
+        ids, start = chat.example(question, answer)
+        assert ids == tokenizer.encode("<usr>" + question + "<sys>" + answer) + [tokenizer.eos_id]
+        assert ids.count(chat.usr_id) == 1 and ids.count(chat.sys_id) == 1 and ids[start - 1] == chat.sys_id
+        assert tokenizer.decode(ids[start:]) == answer
+
+
+def test_only_the_answer_and_the_end_token_are_targets(v2_tokenizer_json):
+    tokenizer = load_tokenizer(v2_tokenizer_json)
+    chat = ChatFormat(tokenizer)
+    examples = [chat.example(q, a) for q, a in pairs()[:12]]
+    data = pack_examples(examples, 48, tokenizer.pad_id)
+    batch = data.batch(torch.arange(len(data.blocks)))
+    counted = [t for row in batch.targets.tolist() for t in row if t != IGNORE_INDEX]
+    want = [t for ids, start in examples for t in ids[start:]]
+    assert counted == want and int(data.real_tokens.sum()) == len(want)
+    for ids, start in examples:  # whole examples: each appears inside one block
+        assert any(ids[:-1] == row[i:i + len(ids) - 1] for row in batch.inputs.tolist() for i in range(48))
+
+
+def test_a_tokens_logits_do_not_depend_on_the_example_before_it():
+    from kogpt2.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=300, n_positions=64, n_embd=48, n_layer=2, n_head=4)).eval()
+    second = ([5, 17, 4, 40, 41, 1], 3)
+    with torch.no_grad():
+        alone = model(torch.tensor([second[0][:-1]]))[0]
+        for first in ([5, 9, 4, 30, 1], [5, 9, 9, 9, 9, 9, 9, 4, 1], [5, 4, 1]):
+            data = pack_examples([(first, 2), second], 32, 3)
+            batch = data.batch(torch.tensor([0]))
+            logits = model(batch.inputs, segments=batch.segments)[0]
+            offset = len(first) - 1
+            assert torch.allclose(logits[offset:offset + 5], alone, atol=1e-5)
+
+
+def test_history_slides_inside_the_window_oldest_turns_first(v2_tokenizer_json):
+    chat = ChatFormat(load_tokenizer(v2_tokenizer_json))
+    history = [("첫 질문", "첫 답"), ("둘째 질문", "둘째 답")]
+    question = chat.prompt("셋째 질문", [], 1024)
+    everything = chat.prompt("셋째 질문", history, 1024)
+    assert everything == chat.example(*history[0])[0] + chat.example(*history[1])[0] + question
+    newest_only = chat.prompt("셋째 질문", history, len(everything) - 1)
+    assert newest_only == chat.example(*history[1])[0] + question
+    assert chat.prompt("아주 긴 질문 " * 50, history, 20) == chat.prompt("아주 긴 질문 " * 50, [], 10**6)[-20:]
+
+
+@pytest.fixture(scope="module")
+def chatbot(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("chatbot")
+    assert run_main("--epoch", 60, "--save_path", folder, *CHAT_TRAINING) == 0
+    return folder
+
+
+def test_a_scratch_chatbot_answers_in_hangul_and_ends_its_answers(chatbot, capsys):
+    payload = load_checkpoint(chatbot / "KoGPT2_best.tar")
+    assert payload["mode"] == "chat" and payload["args"]["chat"] is True
+    capsys.readouterr()
+    questions = ["배고파", "비가 와", "머리가 아파"]
+    assert run_generator("--load_path", chatbot, "--seed", 1, stdin="".join(q + "\n" for q in questions)) == 0
+    answers = capsys.readouterr().out.splitlines()
+    assert len(answers) == len(questions)  # piped: one answer a line, nothing else
+    known = {a for _, a in pairs()}
+    assert all(re.search("[가-힣]", a) for a in answers)
+    assert sum(a in known for a in answers) >= 2
+
+
+def test_greedy_answers_equal_transformers_generate(chatbot, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from kogpt2.loading import model_from_checkpoint
+
+    payload = load_checkpoint(chatbot / "KoGPT2_best.tar")
+    model, tokenizer = model_from_checkpoint(payload, "chatbot")
+    config = model.config
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=config.vocab_size, n_positions=config.n_positions, n_embd=config.n_embd,
+                                    n_layer=config.n_layer, n_head=config.n_head, activation_function=config.activation,
+                                    bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+                                    pad_token_id=tokenizer.pad_id)).eval()
+    hf.load_state_dict(payload["model_state_dict"], strict=False)
+    chat = ChatFormat(tokenizer)
+    questions = ["졸려", "커피 마시고 싶어", "주말에 뭐 하지", "처음 보는 질문이야"]
+    assert run_generator("--load_path", chatbot, "--temperature", 0, "--repetition_penalty", 1.0,
+                         stdin="".join(q + "\n" for q in questions)) == 0
+    ours = capsys.readouterr().out.splitlines()
+    for question, answer in zip(questions, ours):
+        prompt = chat.prompt(question, [], 10**6)
+        out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=64,
+                          eos_token_id=[tokenizer.eos_id, chat.usr_id], suppress_tokens=[0, 3, 5])
+        new = [t for t in out[0, len(prompt):].tolist() if t not in (tokenizer.eos_id, chat.usr_id)]
+        full = tokenizer.decode(prompt + new)
+        assert full[len(tokenizer.decode(prompt)):].strip() == answer, question
+
+
+def test_questions_from_a_file_give_a_table_with_settings_and_seed(chatbot, tmp_path, capsys):
+    questions = tmp_path / "questions.txt"
+    questions.write_bytes("배고파\n눈이 와\n".encode("cp949"))
+    output = tmp_path / "answers.csv"
+    assert run_generator("--load_path", chatbot, "--prompts", questions, "--output", output, "--seed", 3) == 0
+    rows = list(csv.DictReader(io.StringIO(output.read_text(encoding="utf-8-sig"))))
+    assert [r["Q"] for r in rows] == ["배고파", "눈이 와"] and all(r["A"] for r in rows)
+    assert rows[0]["seed"] == "3" and rows[0]["repetition_penalty"] == "1.2" and rows[0]["text_size"] == "64"
+    again = tmp_path / "again.jsonl"
+    assert run_generator("--load_path", chatbot, "--prompts", questions, "--output", again, "--seed", 3) == 0
+    assert [json.loads(line)["A"] for line in again.read_text(encoding="utf-8").splitlines()] == [r["A"] for r in rows]
+
+
+def test_reset_clears_the_history(chatbot, capsys):
+    stdin = "배고파\n/reset\n배고파\n"
+    assert run_generator("--load_path", chatbot, "--seed", 2, "--history", 3, stdin=stdin) == 0
+    first, said, again = capsys.readouterr().out.splitlines()
+    assert said.startswith("history cleared") and first == again  # the same question, seed and (empty) context
+
+
+def test_a_chat_run_resumes_in_chat_mode(chatbot, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(chatbot, run)
+    capsys.readouterr()
+    assert run_main("--epoch", 61, "--save_path", run, "--data_file_path", CHAT_CSV, "--load_path", run) == 0
+    out = capsys.readouterr().out
+    assert "--chat True" in out and "resuming from" in out and "오늘 뭐 하고 놀까? ->" in out
+
+
+def test_validation_perplexity_is_over_answers_only(chatbot, capsys):
+    from kogpt2.evaluate import main as evaluate_main
+
+    best = load_checkpoint(chatbot / "KoGPT2_best.tar")
+    capsys.readouterr()
+    assert evaluate_main(["--load_path", str(chatbot), "--split", "val"]) == 0
+    loss = float(capsys.readouterr().out.split("(loss ")[1].split(")")[0])
+    assert abs(loss - best["progress"]["best_val_loss"]) < 1e-5
