@@ -63,6 +63,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="chat: earlier turns kept as context (0: each answer sees only its question)")
     p.add_argument("--question_column", default=defaults.QUESTION_COLUMN,
                    help="chat: CSV column of --prompts holding the questions")
+    p.add_argument("--serve", action="store_true",
+                   help="serve a web page and an OpenAI-style HTTP API instead of the prompt loop "
+                        "(needs: pip install -r requirements-serve.txt)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="with --serve: the address to listen on (0.0.0.0 opens it to your network)")
+    p.add_argument("--port", type=integer(1), default=8000, help="with --serve: the port")
     args = p.parse_args(argv)
     args.given = given_flags(p, argv)
     if args.output and not args.prompts:

@@ -60,8 +60,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tensorboard", action="store_true", help="also log to SAVE_PATH/tensorboard (needs tensorboard)")
     p.add_argument("--seed", type=integer(0), default=42, help="random seed: same arguments and seed give the same run")
     p.add_argument("--device", type=device, default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, mps")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto: bf16 autocast on capable GPUs, fp32 otherwise")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 autocast on GPUs that have it, fp16 with a gradient scaler on older GPUs "
+                        "(T4, V100, P100), fp32 on the CPU")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile the training step (auto: on for CUDA); if compiling fails, training goes on "
+                        "without it")
+    p.add_argument("--grad_checkpoint", action="store_true",
+                   help="recompute activations in the backward pass: much less memory, about a third slower, the same "
+                        "gradients")
     args = p.parse_args(argv)
     args.given = given_flags(p, argv)
     return args

@@ -32,8 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=integer(1), default=4, help="blocks per forward pass")
     parser.add_argument("--no_cache", action="store_true", help="do not read or write the CSV's token cache")
     parser.add_argument("--device", type=device, default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                        help="auto: bf16 autocast on capable GPUs, fp32 otherwise")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="auto: bf16 autocast on GPUs that have it, fp16 on older GPUs, fp32 on the CPU")
     return parser.parse_args(argv)
 
 

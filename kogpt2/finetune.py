@@ -16,7 +16,7 @@ from .loading import OpenedModel, open_model
 from .packing import Corpus
 from .plot import plot_metrics
 from .pretrained import ReleaseUnavailable
-from .runtime import cpu_bf16_instructions, keep_freed_memory, pick_device, pick_precision
+from .runtime import cpu_bf16_instructions, keep_freed_memory, pick_device, pick_precision, use_compile
 from .scratch import is_scratch, scratch_model
 from .train import Trainer, TrainSettings
 
@@ -127,13 +127,14 @@ def _run(args: argparse.Namespace, world: World, device_name: str) -> int:
         lr=args.lr if args.lr is not None else (SCRATCH_LR if is_scratch(args.pretrained) else FINETUNE_LR),
         warmup=args.warmup, eval_every=args.eval_every, save_every=args.save_every,
         keep_last=args.keep_last, patience=args.patience, seed=args.seed, precision=precision,
-        samples_dir=args.samples, tensorboard=args.tensorboard, chat=args.chat)
+        samples_dir=args.samples, tensorboard=args.tensorboard, chat=args.chat,
+        compile=use_compile(args.compile, device), grad_checkpoint=args.grad_checkpoint)
     recorded_args = {k: v for k, v in vars(args).items() if k != "given"}
     source = source_record(args.data_file_path, train_csv.sha256, corpus.column, args.pretrained, recorded_args,
                            "chat" if args.chat else "text")
     trainer = Trainer(model.to(device), tokenizer, train_data, val_data, settings, source, log=say, world=world)
     if resume is not None and resume.record.ours:
-        trainer.restore(resume.payload)
+        trainer.restore(resume.payload, Path(resumed_from))
 
     say(f"data: {plural(corpus.rows_read, 'row')} read ({train_csv.encoding}), {corpus.rows_empty} empty skipped; "
         f"{train_data.rows} for training, {val_data.rows if val_data else 0} for validation; "
@@ -145,8 +146,10 @@ def _run(args: argparse.Namespace, world: World, device_name: str) -> int:
     if bf16_instructions:
         say(f"tip: this CPU has bf16 instructions ({', '.join(bf16_instructions)}): --precision bf16 trains about "
             "1.8x faster on such CPUs with the same loss (bench/README.md)")
+    extras = "".join(f", {name}" for name, on in (("compiled", settings.compile),
+                                                  ("gradient checkpointing", settings.grad_checkpoint)) if on)
     say(f"training: {plural(settings.epochs, 'epoch')} x {plural(trainer.steps_per_epoch, 'step')} (batch "
-        f"{settings.batch_size}{processes} x accumulation {settings.grad_accum}) on {device}, {precision}; "
+        f"{settings.batch_size}{processes} x accumulation {settings.grad_accum}) on {device}, {precision}{extras}; "
         f"checkpoints in {settings.save_path}")
     if trainer.progress.epoch >= settings.epochs:
         say(f"nothing to do: the checkpoint already finished {plural(trainer.progress.epoch, 'epoch')} "

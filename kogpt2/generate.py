@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .defaults import SamplingSettings
 from .errors import KoGPT2Error
-from .model import GPT, KVCache
+from .model import GPT, KVCache, StaticKVCache
 from .sampling import apply_repetition_penalty, block_repeated_ngrams, sample_next
 from .tokenizer import Tokenizer
 
@@ -77,34 +77,86 @@ class DecodingStep:
         return nullcontext()
 
 
+class GraphStep:
+    """One fixed-shape decoding step on a ``StaticKVCache``; on CUDA captured once as a CUDA graph and replayed for
+    every token (one launch instead of ~150 kernel launches, which otherwise cost more host time than the GPU needs
+    to run them). Where capturing fails, the same step runs eagerly."""
+
+    def __init__(self, model: GPT, cache: StaticKVCache, batch: int, capture: bool) -> None:
+        self.model, self.cache = model, cache
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=cache.buffer.device)
+        self.capture, self.graph, self.logits = capture, None, None
+
+    def _forward(self) -> torch.Tensor:
+        return self.model.lm_head(self.model.hidden_states(self.token, cache=self.cache)[:, -1])
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits after ``tokens`` [batch], written at the cache's position, which then moves on by one."""
+        self.token.copy_(tokens.view(-1, 1))
+        if self.capture and self.graph is None:
+            self._capture()
+        if self.graph is not None:
+            self.graph.replay()
+            logits = self.logits.clone()
+        else:
+            logits = self._forward()
+        self.cache.position += 1
+        return logits
+
+    def _capture(self) -> None:
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm up (rewrites this step's own slot with the same values)
+                self._forward()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.logits = self._forward()
+            self.graph = graph
+        except RuntimeError:
+            self.capture, self.graph = False, None
+
+
 @torch.no_grad()
 def generate_ids(model: GPT, prompt_ids: list[int], settings: SamplingSettings, eos_id: int, num_samples: int = 1,
-                 rng: torch.Generator | None = None, suppress: list[int] = ()) -> Iterator[list[int | None]]:
+                 rng: torch.Generator | None = None, suppress: list[int] = (),
+                 static: bool | None = None) -> Iterator[list[int | None]]:
     """Yield, per step, the new token of each sample (None once a sample has ended at ``eos_id``).
 
-    ``suppress`` lists token ids never to produce (see ``never_generated``).
-    Past the model's positions the context slides: the cache is rebuilt from the newest half of the text.
+    ``suppress`` lists token ids never to produce (see ``never_generated``). ``static`` (default: on CUDA) decodes
+    with fixed-shape steps replayed as a CUDA graph; the tokens are the same either way. Sampling stays on the
+    device; the one host sync per token is reading the new tokens. Past the model's positions the context slides:
+    the cache is rebuilt from the newest half of the text.
     """
     if not prompt_ids:
         raise KoGPT2Error("a prompt needs at least one token")
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
+    static = device.type == "cuda" if static is None else static
     window = model.config.n_positions
     keep = window // 2
     rows = [list(prompt_ids[-window:]) for _ in range(num_samples)]
-    cache = KVCache(model.config, num_samples, window, device, dtype)
-    step_model = DecodingStep(model, num_samples)
-    logits = step_model(torch.tensor(rows, device=device), cache)
+    seen = torch.tensor(rows, device=device)  # prompt and new tokens, for the repetition penalty
+    blocked = torch.tensor(list(suppress), dtype=torch.long, device=device)
+    cache = (StaticKVCache if static else KVCache)(model.config, num_samples, window, device, dtype)
+    prompt_step = DecodingStep(model, num_samples)
+    graph_step = GraphStep(model, cache, num_samples, capture=device.type == "cuda") if static else None
+    logits = prompt_step(seen, cache)
+    if static:
+        cache.start_decoding()
+    length = cache.length
     done = [False] * num_samples
     for _ in range(settings.text_size):
         if settings.repetition_penalty != 1.0:
-            logits = apply_repetition_penalty(logits, torch.tensor(rows, device=device), settings.repetition_penalty)
+            logits = apply_repetition_penalty(logits, seen, settings.repetition_penalty)
         logits = block_repeated_ngrams(logits, rows, settings.no_repeat_ngram)
-        if suppress:
-            logits[:, list(suppress)] = float("-inf")
-        tokens = sample_next(logits, settings.temperature, settings.top_k, settings.top_p, rng).tolist()
+        if len(blocked):
+            logits = logits.index_fill(1, blocked, float("-inf"))
+        tokens = sample_next(logits, settings.temperature, settings.top_k, settings.top_p, rng)
+        chosen = tokens.tolist()
         step = []
-        for i, token in enumerate(tokens):
+        for i, token in enumerate(chosen):
             if done[i]:
                 step.append(None)
                 continue
@@ -113,13 +165,25 @@ def generate_ids(model: GPT, prompt_ids: list[int], settings: SamplingSettings, 
         yield step
         if all(done):
             return
-        for row, token in zip(rows, tokens):
+        for row, token in zip(rows, chosen):
             row.append(token)
-        if cache.length == window:
-            cache = KVCache(model.config, num_samples, window, device, dtype)
-            logits = step_model(torch.tensor([row[-keep:] for row in rows], device=device), cache)
+        if settings.repetition_penalty != 1.0:
+            seen = torch.cat([seen, tokens.view(-1, 1)], dim=1)
+        if length == window:  # slide: the newest half of the text becomes the new prompt
+            if static:
+                cache.restart()
+            else:
+                cache = KVCache(model.config, num_samples, window, device, dtype)
+            logits = prompt_step(torch.tensor([row[-keep:] for row in rows], device=device), cache)
+            if static:
+                cache.start_decoding()
+            length = cache.length
+        elif static:
+            logits = graph_step(tokens)
+            length += 1
         else:
-            logits = step_model(torch.tensor([[t] for t in tokens], device=device), cache)
+            logits = prompt_step(tokens.view(-1, 1), cache)
+            length = cache.length
 
 
 class TextStream:
@@ -177,11 +241,16 @@ class StopText:
 
 @dataclass(frozen=True)
 class Piece:
-    """New text of one sample, in the order it became printable; ``done`` marks a sample's last piece."""
+    """New text of one sample, in the order it became printable. A sample's last piece has ``finish``: "stop" (end
+    token, stop token or stop string) or "length" (``text_size`` reached)."""
 
     index: int
     text: str
-    done: bool = False
+    finish: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish is not None
 
 
 def new_seed() -> int:
@@ -217,19 +286,19 @@ class TextSampler:
                     continue
                 if token is None or token in self.stop_ids:
                     ended[index] = True
-                    yield Piece(index, stops[index].flush(), done=True)
+                    yield Piece(index, stops[index].flush(), "stop")
                     continue
                 shown = stops[index].push(streams[index].push(token))
                 if stops[index].stopped:
                     ended[index] = True
-                    yield Piece(index, shown + stops[index].flush(), done=True)
+                    yield Piece(index, shown + stops[index].flush(), "stop")
                 elif shown:
                     yield Piece(index, shown)
             if all(ended):
                 return
         for index in range(num_samples):
             if not ended[index]:
-                yield Piece(index, stops[index].flush(), done=True)
+                yield Piece(index, stops[index].flush(), "length")
 
     def complete(self, prompt_ids: list[int], settings: SamplingSettings, seed: int, num_samples: int = 1) -> list[str]:
         """The whole continuation of each sample."""

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .errors import KoGPT2Error
 from .loss import linear_cross_entropy
@@ -79,6 +80,8 @@ class GPTConfig:
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, preallocated so a step only writes one slot."""
 
+    decoding = False  # see StaticKVCache
+
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype) -> None:
         head_dim = config.n_embd // config.n_head
         shape = (config.n_layer, 2, batch_size, config.n_head, max_len, head_dim)
@@ -94,6 +97,36 @@ class KVCache:
         self.buffer[layer, 0, :, :, self.length:end] = k
         self.buffer[layer, 1, :, :, self.length:end] = v
         return self.buffer[layer, 0, :, :, :end], self.buffer[layer, 1, :, :, :end]
+
+
+class StaticKVCache(KVCache):
+    """A KV cache whose decoding steps all have one shape: after the prompt (written as by ``KVCache``), each step
+    writes its token at ``position``, a tensor, and attends to every slot up to it. Nothing in a step depends on a
+    Python number, so a step can be captured once as a CUDA graph and replayed for every token."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype) -> None:
+        super().__init__(config, batch_size, max_len, device, dtype)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.slots = torch.arange(max_len, device=device)
+
+    def start_decoding(self) -> None:
+        self.position.fill_(self.length)
+        self.decoding = True
+
+    def restart(self) -> None:
+        """Forget everything (the buffer keeps its address, which a captured graph relies on)."""
+        self.length, self.decoding = 0, False
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.decoding:
+            return super().update(layer, k, v)
+        self.buffer[layer, 0].index_copy_(2, self.position, k)
+        self.buffer[layer, 1].index_copy_(2, self.position, v)
+        return self.buffer[layer, 0], self.buffer[layer, 1]
+
+    def visible(self) -> torch.Tensor:
+        """[1, 1, 1, slots]: the slots written so far, this step's included."""
+        return (self.slots <= self.position).view(1, 1, 1, -1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -155,6 +188,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        self.grad_checkpoint = False  # training may recompute each block in the backward pass instead of storing it
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2's scaled init of residual projections
@@ -206,7 +240,9 @@ class GPT(nn.Module):
             raise KoGPT2Error(f"sequence of {past + T} tokens is longer than the model's {self.config.n_positions} positions")
         if cache is not None and past + T > cache.capacity:
             raise KoGPT2Error(f"KV cache holds {cache.capacity} tokens, {past + T} requested")
-        if segments is not None:
+        if cache is not None and cache.decoding:  # a fixed-shape step (the caller keeps it inside the window)
+            positions, mask = cache.position.expand(B, T), cache.visible()
+        elif segments is not None:
             positions, mask = self._segment_positions_and_mask(segments)
         else:
             if positions is None and attention_mask is None:
@@ -215,9 +251,13 @@ class GPT(nn.Module):
                 positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
             mask = self._attention_mask(attention_mask, past, T, idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        recompute = self.grad_checkpoint and self.training and torch.is_grad_enabled()
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, layer, mask, cache)
-        if cache is not None:
+            if recompute:  # the random state is replayed, so dropout drops the same units: the same gradients
+                x = torch.utils.checkpoint.checkpoint(block, x, layer, mask, cache, use_reentrant=False)
+            else:
+                x = block(x, layer, mask, cache)
+        if cache is not None and not cache.decoding:
             cache.length += T
         return self.transformer.ln_f(x)
 

@@ -136,6 +136,11 @@ def run(args: argparse.Namespace) -> int:
 
     opened = open_model(args.load_path, args.pretrained, pick_device(args.device), args.dtype)
     opened.model.eval()
+    if args.serve:
+        from .server import serve
+
+        serve(opened, opened.source, args.host, args.port)
+        return 0
     if args.chat or (opened.record is not None and opened.record.mode == "chat"):
         from .chat_loop import run_chat
 

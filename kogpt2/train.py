@@ -15,6 +15,7 @@ from .checkpoint import (BEST_NAME, checkpoint_name, link_checkpoint, remove_sta
                          save_checkpoint, training_payload)
 from .defaults import BATCH_SIZE, FINETUNE_LR, TRAINING_SAMPLE, TRAINING_SAMPLE_PHRASE, TRAINING_SAMPLE_QUESTION
 from .distributed import World
+from .errors import KoGPT2Error
 from .generate import TextSampler
 from .hf_layout import hf_state_dict
 from .metrics_log import MetricsLog
@@ -39,7 +40,9 @@ class TrainSettings:
     keep_last: int = 3
     patience: int = 0  # evaluations without a better validation loss before stopping; 0: never stop early
     seed: int = 42
-    precision: str = "fp32"
+    precision: str = "fp32"  # fp32, bf16 (autocast) or fp16 (autocast with a gradient scaler)
+    compile: bool = False  # torch.compile the training forward (falls back to eager if compiling fails)
+    grad_checkpoint: bool = False  # recompute each block's activations in the backward pass: less memory
     sample_phrase: str = TRAINING_SAMPLE_PHRASE
     chat: bool = False  # samples answer TRAINING_SAMPLE_QUESTION instead
     samples_dir: str | None = None
@@ -107,13 +110,17 @@ class Trainer:
         self.log = log if world.is_main else (lambda *args, **kwargs: None)
         self.train_data, self.val_data = train_data, val_data
         self.device = next(model.parameters()).device
-        self.forward_model = model
+        model.grad_checkpoint = settings.grad_checkpoint
+        self.ddp = None
         if world.active:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.forward_model = DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.ddp = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.eager_model = self.ddp or model
+        self.forward_model = torch.compile(self.eager_model) if settings.compile else self.eager_model
+        self.compile_checked = not settings.compile
         self.optimizer = make_optimizer(model, settings)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=settings.precision == "fp16")
         self.progress = Progress()
         self.save_path = Path(settings.save_path)
         self.global_batch = settings.batch_size * world.size
@@ -121,6 +128,7 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * settings.epochs
         self.last_saved_step = -1
         self.last_path: Path | None = None
+        self.resumed_from: Path | None = None
         self.val_ppl: float | None = None
         self.metrics = MetricsLog(self.save_path, settings.tensorboard) if world.is_main else None
         if self.save_path.is_dir() and world.is_main:
@@ -139,12 +147,16 @@ class Trainer:
             config=self.model.config.to_dict(), tokenizer=self.tokenizer, progress=asdict(self.progress),
             schedule={"total_steps": self.total_steps,
                       "lr": learning_rate(self.progress.step, self.settings, self.total_steps)},
-            settings=asdict(self.settings), rng={**rng_per_rank[0], "per_rank": rng_per_rank}, scaler=None,
+            settings=asdict(self.settings), rng={**rng_per_rank[0], "per_rank": rng_per_rank},
+            scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
             data_fingerprint=self.train_data.fingerprint, source=self.source)
 
-    def restore(self, payload: dict) -> None:
+    def restore(self, payload: dict, path: Path | None = None) -> None:
         """Continue a run exactly: optimizer moments, counters, position in the epoch and random state."""
+        self.resumed_from = path
         self.optimizer.load_state_dict(payload["optimizer_state_dict"])
+        if self.scaler.is_enabled() and payload.get("scaler"):
+            self.scaler.load_state_dict(payload["scaler"])
         self.progress = Progress(**payload["progress"])
         per_rank = payload["rng"].get("per_rank", [payload["rng"]])
         rng = per_rank[self.world.rank] if len(per_rank) == self.world.size else per_rank[0]  # exact for the same N
@@ -280,7 +292,37 @@ class Trainer:
 
     def _step(self, group: list[torch.Tensor], stop_here: bool) -> tuple[float, int, bool]:
         """One optimizer step over ``grad_accum`` global batches, this rank doing its share of each; the loss is the
-        mean over all their real tokens. Returns it, the token count, and whether any rank was asked to stop."""
+        mean over all their real tokens. Returns it, the token count, and whether any rank was asked to stop.
+        The first compiled step falls back to eager, with one line, if compiling fails."""
+        try:
+            if self.compile_checked:
+                return self._optimizer_step(group, stop_here)
+            try:
+                result = self._optimizer_step(group, stop_here)
+            except (torch.OutOfMemoryError, KeyboardInterrupt):
+                raise
+            except Exception as error:
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+                self.log(f"note: torch.compile failed ({type(error).__name__}: {reason}); training goes on without it")
+                self.optimizer.zero_grad(set_to_none=True)
+                self.forward_model = self.eager_model
+                result = self._optimizer_step(group, stop_here)
+            self.compile_checked = True
+            return result
+        except torch.OutOfMemoryError:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise KoGPT2Error(self._out_of_memory()) from None
+
+    def _out_of_memory(self) -> str:
+        settings = self.settings
+        blocks = self.train_data.blocks.shape[1] - 1
+        smaller = f"--batch_size {max(1, settings.batch_size // 2)} --grad_accum {settings.grad_accum * 2}"
+        last = self.last_path or self.resumed_from
+        kept = f"the last checkpoint ({last}) is untouched" if last else "no checkpoint was written"
+        return (f"out of GPU memory with --batch_size {settings.batch_size} x --max_len {blocks}; try {smaller} (the "
+                f"same batch in two passes), a smaller --max_len, or --grad_checkpoint; {kept}")
+
+    def _optimizer_step(self, group: list[torch.Tensor], stop_here: bool) -> tuple[float, int, bool]:
         settings, world = self.settings, self.world
         for param_group in self.optimizer.param_groups:
             param_group["lr"] = learning_rate(self.progress.step, settings, self.total_steps)
@@ -288,13 +330,16 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=sum_dtype(self.device), device=self.device)
         for n, idx in enumerate(group):
             mine = idx.tensor_split(world.size)[world.rank]
-            syncing = n == len(group) - 1 or not world.active
-            with nullcontext() if syncing else self.forward_model.no_sync():  # gradients travel once per step
+            syncing = n == len(group) - 1 or self.ddp is None
+            with nullcontext() if syncing else self.ddp.no_sync():  # gradients travel once per step
                 loss = batch_loss_sum(self.forward_model, self.train_data.batch(mine), self.device, settings.precision)
-                (loss * (world.size / total_tokens)).backward()  # DDP averages over ranks: undo that, keep the sum
+                # DDP averages over ranks: undo that, keep the sum (the scaler multiplies it only under fp16)
+                self.scaler.scale(loss * (world.size / total_tokens)).backward()
             loss_sum += loss.detach()
+        self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), settings.clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # skipped under fp16 when the gradients overflowed
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum, stops = world.sum([loss_sum.item(), float(stop_here)])  # the step's one host sync
         return loss_sum / max(1, total_tokens), total_tokens, stops > 0

@@ -208,3 +208,17 @@ def test_decoding_step_logits_equal_the_plain_forward(monkeypatch, onednn, batch
         got = [step(ids[:, :8], cache)] + [step(ids[:, i:i + 1], cache) for i in range(8, 12)]
     for position, logits in zip(range(7, 12), got):
         assert torch.allclose(logits, want[:, position], atol=1e-5)
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0), dict(temperature=1.0, top_k=0, top_p=1.0),
+                                      dict(temperature=0.8, top_k=40, top_p=0.9, repetition_penalty=1.3)],
+                         ids=["greedy", "pure", "filtered"])
+@pytest.mark.parametrize("num_samples", [1, 3])
+def test_fixed_shape_decoding_gives_the_same_tokens(model_and_tokenizer, settings, num_samples):
+    """The CUDA graph path (fixed-shape steps on a StaticKVCache), run on the CPU, past the context window too."""
+    model, tokenizer = model_and_tokenizer
+    prompt = [tokenizer.bos_id] + tokenizer.encode("오늘 아침에")
+    full = SamplingSettings(text_size=model.config.n_positions + 40, **settings)
+    runs = [list(generate_ids(model, prompt, full, -1, num_samples, torch.Generator().manual_seed(5),
+                              never_generated(tokenizer), static=static)) for static in (False, True)]
+    assert runs[0] == runs[1] and len(runs[0]) == model.config.n_positions + 40

@@ -7,9 +7,14 @@ import kogpt2.loss as loss_module
 from kogpt2.loss import IGNORE_INDEX, linear_cross_entropy
 
 
-@pytest.mark.parametrize("chunk_elements", [10_000, 8 * 2**20])  # many chunks, and one
+@pytest.mark.parametrize("chunk_elements", [10_000, 8 * 2**20, None])  # many chunks, one, the GPU's plain path
 def test_equals_full_logits_cross_entropy(monkeypatch, chunk_elements):
-    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", chunk_elements)
+    if chunk_elements is None:
+        monkeypatch.setattr(loss_module, "_LinearCrossEntropy", None)  # must not be used
+        linear_cross_entropy = loss_module.plain_cross_entropy
+    else:
+        monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", chunk_elements)
+        linear_cross_entropy = loss_module.linear_cross_entropy
     torch.manual_seed(0)
     hidden = torch.randn(37, 16, requires_grad=True)
     weight = torch.randn(1000, 16, requires_grad=True)

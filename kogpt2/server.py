@@ -1,0 +1,204 @@
+"""``generator.py --serve``: a local web page and an OpenAI-style HTTP API over the same sampling engine as the CLI.
+
+One worker thread owns the model: requests wait in a queue and run one at a time (a request's ``n`` samples are
+drawn together as one batch), so no two threads are ever inside the model. A client that disconnects mid-stream
+cancels its generation, and the next request starts at once.
+"""
+
+import asyncio
+import json
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Callable
+
+from .chat import ChatFormat
+from .defaults import CHAT_SAMPLING, SAMPLING, SamplingSettings
+from .errors import KoGPT2Error
+from .generate import Piece, TextSampler, new_seed
+from .loading import OpenedModel
+
+MAX_TOKENS = 2048
+MAX_SAMPLES = 16
+SERVE_INSTALL = "pip install -r requirements-serve.txt  (fastapi, uvicorn)"
+
+
+@dataclass
+class Job:
+    prompt_ids: list[int]
+    settings: SamplingSettings
+    seed: int
+    n: int
+    emit: Callable[[Piece | None], None]  # None: the job is over
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class ModelWorker:
+    """The one thread that runs the model, taking jobs in the order they came."""
+
+    def __init__(self, sampler: TextSampler) -> None:
+        self.sampler = sampler
+        self.jobs: queue.Queue[Job] = queue.Queue()
+        threading.Thread(target=self._work, name="kogpt2-model", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            job = self.jobs.get()
+            try:
+                if not job.cancelled.is_set():
+                    for piece in self.sampler.stream(job.prompt_ids, job.settings, job.seed, job.n):
+                        job.emit(piece)
+                        if job.cancelled.is_set():
+                            break
+            finally:
+                job.emit(None)
+
+
+class Completion:
+    """One request's pieces, delivered from the worker thread to the request's event loop."""
+
+    def __init__(self, worker: ModelWorker, prompt_ids: list[int], settings: SamplingSettings, seed: int, n: int):
+        self.loop = asyncio.get_running_loop()
+        self.pieces: asyncio.Queue[Piece | None] = asyncio.Queue()
+        self.job = Job(prompt_ids, settings, seed, n, lambda p: self.loop.call_soon_threadsafe(self.pieces.put_nowait, p))
+        worker.jobs.put(self.job)
+
+    async def __aiter__(self):
+        try:
+            while (piece := await self.pieces.get()) is not None:
+                yield piece
+        finally:  # done, or the client went away: either way the worker may move on
+            self.job.cancelled.set()
+
+
+def sampling_settings(body: dict, base: SamplingSettings) -> SamplingSettings:
+    stop = body.get("stop") or ()
+    values = {"temperature": body.get("temperature"), "top_k": body.get("top_k"), "top_p": body.get("top_p"),
+              "repetition_penalty": body.get("repetition_penalty"), "no_repeat_ngram": body.get("no_repeat_ngram"),
+              "text_size": body.get("max_tokens")}
+    values = {k: v for k, v in values.items() if v is not None}
+    return SamplingSettings(**{**base.to_dict(), **values, "stop": (stop,) if isinstance(stop, str) else tuple(stop)})
+
+
+def create_app(opened: OpenedModel, name: str):
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+
+    from .server_schema import ChatRequest, CompletionRequest, validation_message
+
+    chat = opened.record is not None and opened.record.mode == "chat"
+    chat_format = ChatFormat(opened.tokenizer) if chat else None
+    sampler = TextSampler(opened.model, opened.tokenizer, stop_ids=(chat_format.usr_id,) if chat else ())
+    worker = ModelWorker(sampler)
+    app = FastAPI(title="kogpt2-finetune", docs_url=None, redoc_url=None)
+
+    def error(message: str, status: int = 400) -> JSONResponse:
+        return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}}, status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error(validation_message(exc.errors()))
+
+    @app.exception_handler(KoGPT2Error)
+    async def refused(request: Request, exc: KoGPT2Error) -> JSONResponse:
+        return error(str(exc))
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> str:
+        return resources.files("kogpt2.web").joinpath("index.html").read_text(encoding="utf-8")
+
+    @app.get("/app.js")
+    async def script() -> Response:
+        text = resources.files("kogpt2.web").joinpath("app.js").read_text(encoding="utf-8")
+        return Response(text, media_type="text/javascript; charset=utf-8")
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": name, "waiting": worker.jobs.qsize()}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        base = CHAT_SAMPLING if chat else SAMPLING
+        return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "kogpt2-finetune",
+                                            "mode": "chat" if chat else "text", "defaults": base.to_dict()}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: CompletionRequest):
+        if chat:
+            raise KoGPT2Error("this is a chat checkpoint: use /v1/chat/completions")
+        body = request.model_dump()
+        settings = sampling_settings(body, SAMPLING)
+        prompt_ids = sampler.prompt_ids(request.prompt)
+        return await respond(prompt_ids, settings, body, "text_completion", lambda piece: {"text": piece.text})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: ChatRequest):
+        if not chat:
+            raise KoGPT2Error("this checkpoint was not trained with --chat: use /v1/completions")
+        body = request.model_dump()
+        turns = [m.content for m in request.messages if m.role in ("user", "assistant")]
+        if not turns or request.messages[-1].role != "user":
+            raise KoGPT2Error("messages must end with a user message")
+        history = list(zip(turns[:-1:2], turns[1:-1:2]))
+        settings = sampling_settings(body, CHAT_SAMPLING)
+        prompt_ids = chat_format.prompt(turns[-1], history, max(1, opened.model.config.n_positions - settings.text_size))
+        return await respond(prompt_ids, settings, body, "chat.completion",
+                             lambda piece: {"delta": {"content": piece.text}}, chat_reply=True)
+
+    async def respond(prompt_ids, settings, body, kind, chunk, chat_reply=False):
+        seed = body["seed"] if body.get("seed") is not None else new_seed()
+        n = body["n"]
+        completion = Completion(worker, prompt_ids, settings, seed, n)
+        ident, created = f"{'chatcmpl' if chat_reply else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
+        head = {"id": ident, "created": created, "model": name, "seed": seed, "settings": settings.to_dict()}
+        if body["stream"]:
+            async def events():
+                started: set[int] = set()
+                async for piece in completion:
+                    if chat_reply and piece.index not in started:  # an answer starts with its first word
+                        piece = Piece(piece.index, piece.text.lstrip(), piece.finish)
+                    if piece.text:
+                        started.add(piece.index)
+                    choice = {"index": piece.index, **chunk(piece), "finish_reason": piece.finish}
+                    event = {**head, "object": kind + ".chunk" if chat_reply else kind, "choices": [choice]}
+                    yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        texts, finishes = [""] * n, ["length"] * n
+        async for piece in completion:
+            texts[piece.index] += piece.text
+            if piece.finish:
+                finishes[piece.index] = piece.finish
+        completion_tokens = sum(len(opened.tokenizer.encode(t)) for t in texts)
+        if chat_reply:
+            choices = [{"index": i, "message": {"role": "assistant", "content": t.strip()}, "finish_reason": f}
+                       for i, (t, f) in enumerate(zip(texts, finishes))]
+        else:
+            choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
+                       for i, (t, f) in enumerate(zip(texts, finishes))]
+        return {**head, "object": kind, "choices": choices,
+                "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens,
+                          "total_tokens": len(prompt_ids) + completion_tokens}}
+
+    return app
+
+
+def serve(opened: OpenedModel, name: str, host: str, port: int) -> None:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise KoGPT2Error(f"--serve needs the web server packages: {SERVE_INSTALL}") from None
+    app = create_app(opened, name)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving {name} at http://{shown}:{port}/  (API: /v1/completions{', /v1/chat/completions' if opened.record and opened.record.mode == 'chat' else ''}; Ctrl-C stops)", flush=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    except OSError as error:
+        raise KoGPT2Error(f"cannot serve on {host}:{port}: {error.strerror}; choose another --port") from None

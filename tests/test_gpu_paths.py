@@ -1,0 +1,129 @@
+"""The GPU user's options, proven on the CPU: fp16 with a gradient scaler (exact resume), gradient checkpointing
+(the same gradients), torch.compile (and its fallback), out-of-memory advice, and precision auto."""
+import json
+
+import pytest
+import torch
+
+from conftest import SAMPLE_CSV, TINY_TRAINING, run_main
+from kogpt2.checkpoint import load_checkpoint
+
+# TINY_TRAINING without its batch size, which these runs set themselves
+TINY = ("--data_file_path", SAMPLE_CSV, "--pretrained", "scratch:tiny", "--max_len", 64, "--seed", 1, "--save_every", 7,
+        "--keep_last", 0)
+
+
+def newest(folder):
+    return load_checkpoint(newest_path(folder))
+
+
+def newest_path(folder):
+    return max(folder.glob("KoGPT2_checkpoint_*.tar"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+
+
+def same_tensors(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_tensors(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_tensors(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_fp16_with_a_scaler_resumes_bit_identically(tmp_path, capsys):
+    import shutil
+
+    args = ("--epoch", 2, *TINY, "--precision", "fp16", "--batch_size", 8)
+    assert run_main(*args, "--save_path", tmp_path / "straight") == 0
+    (tmp_path / "stopped").mkdir()  # as if the run had been killed after its step-7 checkpoint
+    shutil.copy(tmp_path / "straight" / "KoGPT2_checkpoint_7.tar", tmp_path / "stopped")
+    assert run_main(*args, "--save_path", tmp_path / "stopped", "--load_path", tmp_path / "stopped") == 0
+    want, got = newest(tmp_path / "straight"), newest(tmp_path / "stopped")
+    assert "scaler" in want and want["scaler"]["scale"] > 0 and want["settings"]["precision"] == "fp16"
+    for key in ("model_state_dict", "optimizer_state_dict", "scaler", "progress"):
+        assert same_tensors(want[key], got[key]), key
+    assert ", fp16;" in capsys.readouterr().out
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    from kogpt2.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=300, n_positions=64, n_embd=48, n_layer=3, n_head=4, dropout=0.1)).train()
+    ids, targets = torch.randint(0, 300, (3, 40)), torch.randint(0, 300, (3, 40))
+    grads = []
+    for recompute in (False, True):
+        model.grad_checkpoint = recompute
+        model.zero_grad()
+        torch.manual_seed(7)  # the same dropout masks
+        model(ids, targets=targets).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-5) for a, b in zip(*grads))
+
+
+def test_grad_checkpoint_trains_like_the_plain_run(tmp_path):
+    losses = []
+    for name, extra in (("plain", ()), ("recompute", ("--grad_checkpoint",))):
+        assert run_main("--epoch", 1, *TINY, "--batch_size", 8, "--save_path", tmp_path / name, *extra) == 0
+        losses.append([json.loads(line)["train_loss"] for line in (tmp_path / name / "metrics.jsonl").open()])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_out_of_memory_names_the_batch_and_what_to_try(tmp_path, capsys, monkeypatch):
+    import kogpt2.train
+
+    assert run_main("--epoch", 1, *TINY, "--batch_size", 8, "--save_path", tmp_path) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.tar")}
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(kogpt2.train, "batch_loss_sum", out_of_memory)
+    capsys.readouterr()
+    assert run_main("--epoch", 2, *TINY, "--batch_size", 8, "--save_path", tmp_path, "--load_path", tmp_path) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("error:") == 1 and "Traceback" not in err
+    last = err.splitlines()[-1]
+    assert last.startswith("error: out of GPU memory with --batch_size 8 x --max_len 64; try --batch_size 4 "
+                           "--grad_accum 2") and "--grad_checkpoint" in last
+    assert last.endswith(f"the last checkpoint ({newest_path(tmp_path)}) is untouched")
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.tar")} == before
+
+
+def test_a_failed_compile_falls_back_to_eager_with_one_line(tmp_path, capsys, monkeypatch):
+    import kogpt2.train
+
+    def broken_compile(module):
+        def forward(*args, **kwargs):
+            raise RuntimeError("backend compiler failed: no C++ compiler\nmore detail")
+        return forward
+
+    monkeypatch.setattr(kogpt2.train.torch, "compile", broken_compile)
+    assert run_main("--epoch", 1, *TINY, "--batch_size", 8, "--save_path", tmp_path, "--compile", "on") == 0
+    out = capsys.readouterr().out
+    assert out.count("note: torch.compile failed (RuntimeError: backend compiler failed: no C++ compiler); "
+                     "training goes on without it") == 1
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path):
+    losses = []
+    for name in ("off", "on"):
+        # no dropout: compiled code draws its random masks with another generator
+        assert run_main("--epoch", 1, *TINY, "--batch_size", 8, "--save_path", tmp_path / name, "--compile", name,
+                        "--dropout", 0) == 0
+        losses.append([json.loads(line)["train_loss"] for line in (tmp_path / name / "metrics.jsonl").open()])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_precision_auto_picks_bf16_fp16_or_fp32(monkeypatch):
+    from kogpt2.runtime import pick_precision, use_compile
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert pick_precision("auto", cuda) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    assert pick_precision("auto", cuda) == "fp16"
+    assert pick_precision("auto", torch.device("cpu")) == "fp32" and pick_precision("fp16", cuda) == "fp16"
+    assert use_compile("auto", cuda) and not use_compile("auto", torch.device("cpu")) and use_compile("on", cuda)
