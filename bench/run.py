@@ -99,6 +99,7 @@ def main() -> int:
     print("running contenders:", file=sys.stderr)
     results["train_2020"] = contender("train_2020")
     results.update(best_of_rounds(("train_transformers", "train_ours_fp32", "train_ours_bf16")))
+    results["train_ours_fp32_compile"] = contender("train_ours_fp32_compile")  # is --compile worth it on a CPU?
     results["gen_2020"] = contender("gen_2020")
     results.update(best_of_rounds(("gen_transformers", "gen_ours_fp32", "gen_ours_bf16", "gen_ours_fp32_x8")))
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,15 +111,15 @@ def main() -> int:
         results["first_step_s"] = first_step_seconds(csv_path, folder)
     results["help_main_s"] = help_seconds("main.py")
     results["help_generator_s"] = help_seconds("generator.py")
-    results["gpu"] = "no CUDA device here: the H100 MFU target is measured on a lent GPU (see bench/README.md)"
+    results["gpu"] = "no CUDA device here: the GPU targets are measured by bench/gpu_check.py on a lent GPU"
 
     r = results
     tps = {k: v["tokens_per_s"] for k, v in r.items() if isinstance(v, dict) and "tokens_per_s" in v}
     fp32_loss, bf16_loss = r["train_ours_fp32"]["losses"][-1], r["train_ours_bf16"]["losses"][-1]
     checks = [
         ("train fp32 vs 2020 loop", tps["train_ours_fp32"] / tps["train_2020"], ">=", 8.0),
-        ("train fp32 vs transformers", tps["train_ours_fp32"] / tps["train_transformers"], ">=", 1.0),
-        ("train bf16 vs transformers fp32", tps["train_ours_bf16"] / tps["train_transformers"], ">=", 1.5),
+        ("train fp32 vs transformers (fused AdamW)", tps["train_ours_fp32"] / tps["train_transformers"], ">=", 1.2),
+        ("train bf16 vs transformers fp32", tps["train_ours_bf16"] / tps["train_transformers"], ">=", 2.0),
         ("bf16 loss vs fp32 loss, relative gap", abs(bf16_loss - fp32_loss) / fp32_loss, "<=", 0.02),
         ("generate fp32 vs 2020 loop", tps["gen_ours_fp32"] / tps["gen_2020"], ">=", 6.0),
         ("generate fp32 vs transformers", tps["gen_ours_fp32"] / tps["gen_transformers"], ">=", 1.0),

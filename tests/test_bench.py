@@ -13,3 +13,14 @@ def test_serve_benchmark_smoke():
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "served / engine:" in result.stdout
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_every_contender():
+    """Training (eager, compiled) for transformers and ours, decoding on the fixed-shape path, main.py end to end."""
+    result = subprocess.run([sys.executable, "bench/gpu_check.py", "--smoke"], cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    for name in ("train_hf_8x512_compile", "train_ours_8x512_compile", "decode_ours_1", "decode_ours_8", "main_e2e"):
+        line = next(l for l in result.stdout.splitlines() if l.startswith(name))
+        assert "tokens/s" in line, line
