@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import find_checkpoint, generation_payload, is_ours, load_checkpoint, save_checkpoint, tokenizer_of
-from .defaults import PRETRAINED, SAMPLING
+from .chat import ChatFormat
+from .defaults import CHAT_SAMPLING, PRETRAINED, SAMPLING
 from .errors import KoGPT2Error, report_errors
 from .generate import never_generated
 from .model import GPTConfig
@@ -33,8 +34,9 @@ def export_generation_file(payload: dict, target: Path, half: bool) -> None:
 def export_hf_folder(payload: dict, target: Path, half: bool) -> None:
     """config.json, model.safetensors, tokenizer.json (+ its config), generation_config.json and a model card,
     loadable by ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained(folder)`` with no extra arguments, and
-    generating like generator.py: the tokenizer adds the same start token, and generation suppresses the same ids
-    with the same sampling defaults."""
+    generating like generator.py: the tokenizer adds the same start token (none for a chat model, whose examples
+    start with ``<usr>``), and generation suppresses the same ids with the same sampling defaults (a chat model's
+    answers also end at the next ``<usr>``)."""
     from safetensors.torch import save_file
 
     tokenizer = tokenizer_of(payload)
@@ -49,27 +51,32 @@ def export_hf_folder(payload: dict, target: Path, half: bool) -> None:
     umask = os.umask(0)
     os.umask(umask)
     weights.chmod(0o666 & ~umask)  # safetensors writes it private; it is an ordinary file like the others
-    (target / "tokenizer.json").write_bytes(tokenizer_json_with_start(tokenizer))
+    chat = payload.get("mode") == "chat"
+    (target / "tokenizer.json").write_bytes(tokenizer_json(tokenizer, with_start=not chat))
     names = {name: tokenizer.id_to_piece(i) for name, i in
              (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id), ("pad_token", tokenizer.pad_id),
               ("unk_token", tokenizer.unk_id))}
     (target / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.n_positions,
          "clean_up_tokenization_spaces": False, **names}, ensure_ascii=False, indent=2), encoding="utf-8")
-    sampling = SAMPLING
+    sampling = CHAT_SAMPLING if chat else SAMPLING
+    ends = {"eos_token_id": [tokenizer.eos_id, ChatFormat(tokenizer).usr_id]} if chat else {}
     (target / "generation_config.json").write_text(json.dumps(
-        {**ids, "do_sample": True, "temperature": sampling.temperature, "top_k": sampling.top_k,
+        {**ids, **ends, "do_sample": True, "temperature": sampling.temperature, "top_k": sampling.top_k,
          "top_p": sampling.top_p, "repetition_penalty": sampling.repetition_penalty,
          "max_new_tokens": sampling.text_size, "suppress_tokens": never_generated(tokenizer)}, indent=2),
         encoding="utf-8")
     (target / "README.md").write_text(model_card(payload, tokenizer), encoding="utf-8")
 
 
-def tokenizer_json_with_start(tokenizer) -> bytes:
-    """The tokenizer as tokenizer.json, adding the start token before every text as generator.py and training do."""
+def tokenizer_json(tokenizer, with_start: bool) -> bytes:
+    """The tokenizer as tokenizer.json; ``with_start``: it adds the start token before every text, as generator.py
+    and training do."""
     from tokenizers import Tokenizer, processors
 
     data = tokenizer.data if isinstance(tokenizer, HFTokenizer) else sentencepiece_as_tokenizer_json(tokenizer.data)
+    if not with_start:
+        return data
     hf = Tokenizer.from_str(data.decode("utf-8"))
     start = tokenizer.id_to_piece(tokenizer.bos_id)
     hf.post_processor = processors.TemplateProcessing(single=f"{start} $A", pair=f"{start} $A $B",

@@ -24,11 +24,18 @@ def batch_loss_sum(model, batch: Batch, device: torch.device, precision: str) ->
     """Summed cross-entropy over the targets of a batch that count (left on the device: no host sync).
 
     ``model`` is the GPT or its DistributedDataParallel wrapper (whose forward is what syncs gradients)."""
-    moved = {"non_blocking": True} if device.type == "cuda" else {}
-    inputs, targets = batch.inputs.to(device, **moved), batch.targets.to(device, **moved)
-    segments = batch.segments.to(device, **moved) if batch.segments is not None else None
+    inputs, targets, segments = (to_device(t, device) for t in (batch.inputs, batch.targets, batch.segments))
     with autocast(device, precision):
         return model(inputs, targets=targets, segments=segments)
+
+
+def to_device(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """To a GPU through pinned memory, without waiting for the copy (the GPU keeps the order)."""
+    if tensor is None:
+        return None
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 @torch.no_grad()

@@ -167,3 +167,20 @@ def test_validation_perplexity_is_over_answers_only(chatbot, capsys):
     assert evaluate_main(["--load_path", str(chatbot), "--split", "val"]) == 0
     loss = float(capsys.readouterr().out.split("(loss ")[1].split(")")[0])
     assert abs(loss - best["progress"]["best_val_loss"]) < 1e-5
+
+
+def test_an_exported_chatbot_answers_in_transformers_as_in_the_cli(chatbot, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kogpt2.export import main as export_main
+
+    assert export_main([str(chatbot), str(tmp_path / "hf")]) == 0
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    capsys.readouterr()
+    assert run_generator("--load_path", chatbot, "--temperature", 0, "--repetition_penalty", 1.0,
+                         stdin="배고파\n") == 0
+    ours = capsys.readouterr().out.strip()
+    prompt = tok("<usr>배고파<sys>", return_tensors="pt").input_ids  # no start token: chat examples begin with <usr>
+    out = model.generate(prompt, do_sample=False, repetition_penalty=1.0, max_new_tokens=64)
+    assert tok.decode(out[0, prompt.shape[1]:], skip_special_tokens=True).strip() == ours
