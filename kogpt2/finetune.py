@@ -3,6 +3,7 @@ train."""
 from __future__ import annotations
 
 import argparse
+import traceback
 from pathlib import Path
 
 import torch
@@ -34,6 +35,11 @@ def run(args: argparse.Namespace) -> int:
     world, device_name = join(args.device)
     try:
         return _run(args, world, device_name)
+    except BaseException as error:
+        # A failing rank's traceback would keep the trainer (and its DDP wrapper) alive past the process group's
+        # end, and Gloo then aborts at exit: free the frames' locals first (the traceback itself stays printable).
+        traceback.clear_frames(error.__traceback__)
+        raise
     finally:
         leave(world)
 

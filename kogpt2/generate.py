@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from .defaults import SamplingSettings
 from .errors import KoGPT2Error
-from .model import GPT, KVCache, StaticKVCache
+from .kv_cache import KVCache, StaticKVCache
+from .model import GPT
 from .sampling import apply_repetition_penalty, block_repeated_ngrams, sample_next
 from .tokenizer import Tokenizer
 

@@ -6,7 +6,12 @@ time and turns, in place, into the gradient of the logits, which is all that is 
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from .tied_grad import TiedGradient
 
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 8 * 2**20  # logits per chunk: 32 MB in fp32
@@ -14,7 +19,7 @@ CHUNK_ELEMENTS = 8 * 2**20  # logits per chunk: 32 MB in fp32
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, tied) -> torch.Tensor:
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         need_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
@@ -35,26 +40,36 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     softmax = torch.exp(logits.sub_(log_z[:, None]))
                     softmax[rows, t.clamp(min=0)] -= 1
                     grad_logits[start:start + chunk] = softmax.mul_(valid[:, None])
-            if need_grads:  # two large matmuls, as fast as the plain head's backward
+            ctx.in_place = need_grads and tied is not None and tied.usable_in_place(dtype)
+            if ctx.in_place:  # the weight's gradient is added to its .grad in backward (see tied_grad.py)
+                ctx.tied = tied
+                ctx.save_for_backward((grad_logits @ w).to(hidden.dtype), grad_logits, h)
+            elif need_grads:  # two large matmuls, as fast as the plain head's backward
                 ctx.save_for_backward((grad_logits @ w).to(hidden.dtype), (grad_logits.t() @ h).to(weight.dtype))
         return total
 
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):
+        if ctx.in_place:
+            grad_hidden, grad_logits, h = ctx.saved_tensors
+            ctx.tied.accumulator().addmm_(grad_logits.t(), h, alpha=grad_total.item())
+            return grad_hidden.mul_(grad_total), None, None, None
         grad_hidden, grad_weight = ctx.saved_tensors  # formed for this one backward: scale them in place
-        return grad_hidden.mul_(grad_total), grad_weight.mul_(grad_total), None
+        return grad_hidden.mul_(grad_total), grad_weight.mul_(grad_total), None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         tied: TiedGradient | None = None) -> torch.Tensor:
     """sum over real targets of -log softmax(hidden @ weight.T)[target]; ``IGNORE_INDEX`` targets count nothing.
 
-    hidden [tokens, C], weight [vocab, C], targets [tokens]. On a GPU the plain head and cross-entropy are faster
+    hidden [tokens, C], weight [vocab, C], targets [tokens]. ``tied`` (the model's ``TiedGradient``) lets the
+    weight's gradient be added to its ``.grad`` in place (tied_grad.py). On a GPU the plain head and cross-entropy are faster
     (one large matmul and a fused kernel, which torch.compile fuses further) and memory is less scarce; on the CPU
     the chunked form saves gigabytes.
     """
     if hidden.device.type == "cuda":
         return plain_cross_entropy(hidden, weight, targets)
-    return _LinearCrossEntropy.apply(hidden, weight, targets)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, tied)
 
 
 def plain_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,9 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from .errors import KoGPT2Error
+from .kv_cache import KVCache
 from .loss import linear_cross_entropy
+from .tied_grad import TiedGradient
 
 ACTIVATIONS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 
@@ -77,58 +79,6 @@ class GPTConfig:
         }
 
 
-class KVCache:
-    """Keys and values of every layer for the tokens seen so far, preallocated so a step only writes one slot."""
-
-    decoding = False  # see StaticKVCache
-
-    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype) -> None:
-        head_dim = config.n_embd // config.n_head
-        shape = (config.n_layer, 2, batch_size, config.n_head, max_len, head_dim)
-        self.buffer = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0
-
-    @property
-    def capacity(self) -> int:
-        return self.buffer.shape[-2]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + k.shape[-2]
-        self.buffer[layer, 0, :, :, self.length:end] = k
-        self.buffer[layer, 1, :, :, self.length:end] = v
-        return self.buffer[layer, 0, :, :, :end], self.buffer[layer, 1, :, :, :end]
-
-
-class StaticKVCache(KVCache):
-    """A KV cache whose decoding steps all have one shape: after the prompt (written as by ``KVCache``), each step
-    writes its token at ``position``, a tensor, and attends to every slot up to it. Nothing in a step depends on a
-    Python number, so a step can be captured once as a CUDA graph and replayed for every token."""
-
-    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype) -> None:
-        super().__init__(config, batch_size, max_len, device, dtype)
-        self.position = torch.zeros(1, dtype=torch.long, device=device)
-        self.slots = torch.arange(max_len, device=device)
-
-    def start_decoding(self) -> None:
-        self.position.fill_(self.length)
-        self.decoding = True
-
-    def restart(self) -> None:
-        """Forget everything (the buffer keeps its address, which a captured graph relies on)."""
-        self.length, self.decoding = 0, False
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.decoding:
-            return super().update(layer, k, v)
-        self.buffer[layer, 0].index_copy_(2, self.position, k)
-        self.buffer[layer, 1].index_copy_(2, self.position, v)
-        return self.buffer[layer, 0], self.buffer[layer, 1]
-
-    def visible(self) -> torch.Tensor:
-        """[1, 1, 1, slots]: the slots written so far, this step's included."""
-        return (self.slots <= self.position).view(1, 1, 1, -1)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -175,31 +125,6 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class _CpuEmbedding(torch.autograd.Function):
-    """Token embeddings whose weight gradient is written into a buffer kept from step to step. On the CPU a fresh
-    [vocab, n_embd] zero tensor per step (157 MB for KoGPT2) measured 160-230 ms of a 2.7 s training step; zeroing
-    the kept one takes ~3 ms. The head's gradient reaches the tied weight first and this one is added to it, so the
-    buffer never becomes the weight's ``.grad`` (checked, all the same)."""
-
-    @staticmethod
-    def forward(ctx, weight: torch.Tensor, idx: torch.Tensor, kept: list) -> torch.Tensor:
-        ctx.save_for_backward(idx)
-        ctx.weight, ctx.kept = weight, kept
-        return F.embedding(idx, weight)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        (idx,) = ctx.saved_tensors
-        weight, kept = ctx.weight, ctx.kept
-        grad = weight.grad
-        if not kept or kept[0].shape != weight.shape or kept[0].dtype != grad_out.dtype or \
-                (grad is not None and grad.data_ptr() == kept[0].data_ptr()):
-            kept[:] = [torch.empty(weight.shape, dtype=grad_out.dtype)]
-        buffer = kept[0].zero_()
-        buffer.index_add_(0, idx.reshape(-1), grad_out.reshape(-1, weight.shape[1]))
-        return buffer, None, None
-
-
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -214,7 +139,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.grad_checkpoint = False  # training may recompute each block in the backward pass instead of storing it
-        self._embedding_grad: list[torch.Tensor] = []  # see _CpuEmbedding
+        self.tied_grad = TiedGradient(self.transformer.wte.weight)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2's scaled init of residual projections
@@ -242,7 +167,8 @@ class GPT(nn.Module):
         hidden = self.hidden_states(idx, attention_mask, cache, positions, segments)
         if targets is None:
             return self.lm_head(hidden)
-        return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets.reshape(-1))
+        return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets.reshape(-1),
+                                    self.tied_grad)
 
     def hidden_states(
         self,
@@ -290,7 +216,7 @@ class GPT(nn.Module):
     def _token_embeddings(self, idx: torch.Tensor) -> torch.Tensor:
         weight = self.transformer.wte.weight
         if weight.device.type == "cpu" and weight.requires_grad and torch.is_grad_enabled():
-            return _CpuEmbedding.apply(weight, idx, self._embedding_grad)
+            return self.tied_grad.embedding(idx)
         return self.transformer.wte(idx)
 
     @staticmethod

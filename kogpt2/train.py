@@ -111,6 +111,7 @@ class Trainer:
         self.train_data, self.val_data = train_data, val_data
         self.device = next(model.parameters()).device
         model.grad_checkpoint = settings.grad_checkpoint
+        model.tied_grad.in_place = not world.active  # DDP's hooks need every gradient to flow through autograd
         self.ddp = None
         if world.active:
             from torch.nn.parallel import DistributedDataParallel
