@@ -5,24 +5,25 @@ import math
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .chat import ChatFormat
 from .checkpoint import (BEST_NAME, checkpoint_name, link_checkpoint, remove_stale_temporaries, rotate,
                          save_checkpoint, training_payload)
-from .defaults import BATCH_SIZE, FINETUNE_LR, TRAINING_SAMPLE, TRAINING_SAMPLE_PHRASE, TRAINING_SAMPLE_QUESTION
+from .defaults import BATCH_SIZE, FINETUNE_LR, TRAINING_SAMPLE_PHRASE
 from .distributed import World
 from .errors import KoGPT2Error
-from .generate import TextSampler
+from .generate import fixed_sample
 from .hf_layout import hf_state_dict
 from .metrics_log import MetricsLog
 from .model import GPT
+from .optim import learning_rate, make_optimizer
 from .packing import PackedData, epoch_order
 from .runtime import sum_dtype
 from .steps import batch_loss_sum, evaluate
+from .stop import StopRequest
 from .tokenizer import Tokenizer
 
 @dataclass
@@ -44,7 +45,7 @@ class TrainSettings:
     compile: bool = False  # torch.compile the training forward (falls back to eager if compiling fails)
     grad_checkpoint: bool = False  # recompute each block's activations in the backward pass: less memory
     sample_phrase: str = TRAINING_SAMPLE_PHRASE
-    chat: bool = False  # samples answer TRAINING_SAMPLE_QUESTION instead
+    chat: bool = False  # samples answer defaults.TRAINING_SAMPLE_QUESTION instead
     samples_dir: str | None = None
     tensorboard: bool = False
 
@@ -60,43 +61,6 @@ class Progress:
     best_step: int = 0
     evals_without_improvement: int = 0
     loss: float = math.nan
-
-
-@dataclass
-class StopRequest:
-    """Set by SIGINT/SIGTERM; the loop finishes its step, saves, and returns."""
-
-    signal: int | None = None
-    handlers: dict = field(default_factory=dict)
-
-    def __enter__(self) -> "StopRequest":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.handlers[sig] = signal.signal(sig, self._request)
-        return self
-
-    def _request(self, signum, frame) -> None:
-        self.signal = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.handlers.items():
-            signal.signal(sig, handler)
-
-
-def learning_rate(step: int, settings: TrainSettings, total_steps: int) -> float:
-    """Linear warmup, then cosine decay to a tenth of ``lr`` at the last step."""
-    warmup = settings.warmup if settings.warmup >= 0 else max(1, total_steps // 20)
-    if step < warmup:
-        return settings.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return settings.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-def make_optimizer(model: GPT, settings: TrainSettings) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices and embeddings; not biases or norms
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = next(model.parameters()).device.type in ("cpu", "cuda")  # one kernel: ~4x faster than foreach on CPU
-    return torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.999), fused=fused or None)
 
 
 class Trainer:
@@ -209,16 +173,8 @@ class Trainer:
         its own generator, so the run's randomness is untouched."""
         was_training = self.model.training
         self.model.eval()
-        if self.settings.chat:
-            chat = ChatFormat(self.tokenizer)
-            sampler = TextSampler(self.model, self.tokenizer, stop_ids=(chat.usr_id,))
-            prompt = chat.prompt(TRAINING_SAMPLE_QUESTION, [], self.model.config.n_positions)
-            answer = sampler.complete(prompt, TRAINING_SAMPLE, self.settings.seed)[0]
-            text = f"{TRAINING_SAMPLE_QUESTION} -> {answer}"
-        else:
-            sampler = TextSampler(self.model, self.tokenizer)
-            phrase = self.settings.sample_phrase
-            text = phrase + sampler.complete(sampler.prompt_ids(phrase), TRAINING_SAMPLE, self.settings.seed)[0]
+        text = fixed_sample(self.model, self.tokenizer, self.settings.sample_phrase, self.settings.chat,
+                            self.settings.seed)
         self.model.train(was_training)
         if self.settings.samples_dir:
             folder = Path(self.settings.samples_dir)
@@ -296,13 +252,11 @@ class Trainer:
         mean over all their real tokens. Returns it, the token count, and whether any rank was asked to stop.
         The first compiled step falls back to eager, with one line, if compiling fails."""
         try:
-            if self.compile_checked:
-                return self._optimizer_step(group, stop_here)
             try:
                 result = self._optimizer_step(group, stop_here)
-            except (torch.OutOfMemoryError, KeyboardInterrupt):
-                raise
             except Exception as error:
+                if self.compile_checked or isinstance(error, torch.OutOfMemoryError):
+                    raise
                 reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
                 self.log(f"note: torch.compile failed ({type(error).__name__}: {reason}); training goes on without it")
                 self.optimizer.zero_grad(set_to_none=True)

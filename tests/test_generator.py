@@ -193,7 +193,7 @@ def test_real_process_with_piped_stdin(trained):
 @pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "plain"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_decoding_step_logits_equal_the_plain_forward(monkeypatch, onednn, batch):
-    import kogpt2.generate as generate_module
+    import kogpt2.decoding_step as generate_module
     from kogpt2.kv_cache import KVCache
     from kogpt2.model import GPT, GPTConfig
 
