@@ -66,8 +66,8 @@ def engine(path: Path, bodies: list[dict]) -> dict:
     started, tokens = time.perf_counter(), 0
     for body in bodies:
         settings = SAMPLING.with_value("text_size", body["max_tokens"]).with_value("temperature", body["temperature"])
-        text = sampler.complete(sampler.prompt_ids(body["prompt"]), settings, body["seed"])[0]
-        tokens += len(opened.tokenizer.encode(text))
+        tokens += sum(piece.tokens for piece in sampler.stream(sampler.prompt_ids(body["prompt"]), settings,
+                                                               body["seed"]) if piece.done)
     seconds = time.perf_counter() - started
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
 

@@ -4,10 +4,15 @@ the end token are learnt."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .data import CsvFile
 from .errors import KoGPT2Error
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .generate import TextSampler
+    from .model import GPT
 
 USR, SYS = "<usr>", "<sys>"
 
@@ -27,6 +32,17 @@ class ChatFormat:
         if ids[:len(prompt)] != prompt:  # the tokenizer joined across <sys>: the answer starts after it
             return ids, ids.index(self.sys_id) + 1
         return ids, len(prompt)
+
+    def sampler(self, model: GPT) -> TextSampler:
+        """The engine for answers: one ends where the next turn's ``<usr>`` would start, and starts at its first
+        word."""
+        from .generate import TextSampler
+
+        return TextSampler(model, self.tokenizer, stop_ids=(self.usr_id,), trim_start=True)
+
+    def answer_prompt(self, question: str, history: list[tuple[str, str]], model: GPT, answer_tokens: int) -> list[int]:
+        """The prompt for an answer of up to ``answer_tokens``, leaving it room in the model's window."""
+        return self.prompt(question, history, max(1, model.config.n_positions - answer_tokens))
 
     def prompt(self, question: str, history: list[tuple[str, str]], window: int) -> list[int]:
         """Earlier turns (whole, with their end tokens) then the question, up to ``window`` tokens: the oldest turns

@@ -3,14 +3,13 @@ made and ended by the end token; piped questions get one answer a line, a file o
 from __future__ import annotations
 
 import argparse
-import sys
 
 from .chat import ChatFormat
 from .defaults import SamplingSettings
-from .generate import TextSampler, new_seed
+from .generate import new_seed
 from .model import GPT
 from .outputs import read_prompts, write_table
-from .prompt_loop import QUIT, PromptLoop, prompts_from
+from .prompt_loop import PromptLoop, converse
 from .tokenizer import Tokenizer
 
 RESET_DONE = "history cleared / 대화 기록을 지웠습니다"
@@ -19,23 +18,23 @@ RESET_DONE = "history cleared / 대화 기록을 지웠습니다"
 class ChatLoop(PromptLoop):
     """Answers one question at a time; with ``history`` > 0 the last turns are the context of the next answer."""
 
-    def __init__(self, sampler: TextSampler, chat: ChatFormat, settings: SamplingSettings, seed: int | None,
+    def __init__(self, model: GPT, chat: ChatFormat, settings: SamplingSettings, seed: int | None,
                  history: int = 0, out=None) -> None:
-        super().__init__(sampler, settings, seed, out=out)
-        self.chat, self.history_turns = chat, history
+        super().__init__(chat.sampler(model), settings, seed, out=out)
+        self.model, self.chat, self.history_turns = model, chat, history
         self.history: list[tuple[str, str]] = []
 
     def answer(self, question: str, stream: bool = True) -> tuple[str, int]:
         """The answer (printed as it is made with ``stream``) and the seed it was drawn with."""
         seed = self.seed if self.seed is not None else new_seed()
-        window = max(1, self.sampler.model.config.n_positions - self.settings.text_size)  # room for the answer
         turns = self.history[-self.history_turns:] if self.history_turns else []
+        prompt = self.chat.answer_prompt(question, turns, self.model, self.settings.text_size)
         text = ""
-        for piece in self.sampler.stream(self.chat.prompt(question, turns, window), self.settings, seed):
+        for piece in self.sampler.stream(prompt, self.settings, seed):
             text += piece.text
             if stream:
-                self._write(piece.text.lstrip() if text == piece.text else piece.text)
-        text = text.strip()
+                self._write(piece.text)
+        text = text.rstrip()
         if stream:
             self._write("\n")
         if self.history_turns:
@@ -50,9 +49,7 @@ class ChatLoop(PromptLoop):
 
 
 def run_chat(args: argparse.Namespace, model: GPT, tokenizer: Tokenizer, settings: SamplingSettings) -> None:
-    chat = ChatFormat(tokenizer)
-    sampler = TextSampler(model, tokenizer, stop_ids=(chat.usr_id,))  # a new turn means the answer is over
-    loop = ChatLoop(sampler, chat, settings, args.seed, args.history)
+    loop = ChatLoop(model, ChatFormat(tokenizer), settings, args.seed, args.history)
     if args.prompts:
         rows = []
         for question in read_prompts(args.prompts, args.question_column, args.encoding):
@@ -62,21 +59,4 @@ def run_chat(args: argparse.Namespace, model: GPT, tokenizer: Tokenizer, setting
             write_table(args.output, rows)
             print(f"{len(rows)} answers written to {args.output}")
         return
-    stdin = sys.stdin
-    if hasattr(stdin, "reconfigure"):
-        stdin.reconfigure(errors="replace")
-    interactive = stdin.isatty()
-    done = 0
-    try:
-        for question in prompts_from(args.tmp_sent, interactive, stdin, ask="user > "):
-            if question.startswith("/"):
-                print(loop.command(question))
-                continue
-            if interactive and question.strip().lower() in QUIT:
-                break
-            loop.answer(question)
-            done += 1
-            if args.loops >= 0 and done >= args.loops:
-                break
-    except KeyboardInterrupt:
-        print()
+    converse(loop, args.tmp_sent, args.loops, loop.answer, ask="user > ")

@@ -89,7 +89,7 @@ class GraphStep:
             logits = self.logits.clone()
         else:
             logits = self._forward()
-        self.cache.position += 1
+        self.cache.advance()
         return logits
 
     def _capture(self) -> None:

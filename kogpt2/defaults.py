@@ -55,6 +55,13 @@ class SamplingSettings:
     def with_value(self, name: str, value) -> "SamplingSettings":
         return replace(self, **{name: value})
 
+    def updated(self, values: dict) -> "SamplingSettings":
+        """These settings with ``values`` over them (None keeps a setting; one stop string may stand alone)."""
+        given = {k: v for k, v in values.items() if v is not None}
+        if isinstance(given.get("stop"), str):
+            given["stop"] = (given["stop"],)
+        return replace(self, **{k: tuple(v) if k == "stop" else v for k, v in given.items()})
+
 
 SAMPLING = SamplingSettings()
 NUM_SAMPLES = 1

@@ -46,10 +46,16 @@ def generate_ids(model: GPT, prompt_ids: list[int], settings: SamplingSettings, 
     cache = (StaticKVCache if static else KVCache)(model.config, num_samples, window, device, dtype)
     prompt_step = DecodingStep(model, num_samples)
     graph_step = GraphStep(model, cache, num_samples, capture=device.type == "cuda") if static else None
-    logits = prompt_step(seen, cache)
-    if static:
-        cache.start_decoding()
-    length = cache.length
+
+    def prefill(ids: torch.Tensor) -> torch.Tensor:
+        """Logits after a whole prompt, written into the cache from its first slot."""
+        cache.restart()
+        logits = prompt_step(ids, cache)
+        if static:
+            cache.start_decoding()
+        return logits
+
+    logits = prefill(seen)
     done = [False] * num_samples
     for _ in range(settings.text_size):
         if settings.repetition_penalty != 1.0:
@@ -73,22 +79,12 @@ def generate_ids(model: GPT, prompt_ids: list[int], settings: SamplingSettings, 
             row.append(token)
         if settings.repetition_penalty != 1.0:
             seen = torch.cat([seen, tokens.view(-1, 1)], dim=1)
-        if length == window:  # slide: the newest half of the text becomes the new prompt
-            if static:
-                cache.restart()
-            else:
-                cache = KVCache(model.config, num_samples, window, device, dtype)
-            logits = prompt_step(torch.tensor([row[-keep:] for row in rows], device=device), cache)
-            if static:
-                cache.start_decoding()
-            length = cache.length
+        if cache.length == window:  # slide: the newest half of the text becomes the new prompt
+            logits = prefill(torch.tensor([row[-keep:] for row in rows], device=device))
         elif static:
             logits = graph_step(tokens)
-            length += 1
         else:
             logits = prompt_step(tokens.view(-1, 1), cache)
-            length = cache.length
-
 
 class TextStream:
     """Turns a growing list of generated ids into printable text pieces.
@@ -151,6 +147,7 @@ class Piece:
     index: int
     text: str
     finish: str | None = None
+    tokens: int = 0  # on the last piece: how many tokens the sample took (its end token not counted)
 
     @property
     def done(self) -> bool:
@@ -165,11 +162,14 @@ class TextSampler:
     """Text from a prompt, piece by piece: end token, stop strings, never-generated ids and whole characters are
     all handled here, so every caller sees the same text for the same model, prompt, settings and seed."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, stop_ids: tuple[int, ...] = ()) -> None:
-        """``stop_ids``: tokens that end a sample like the end token (chat: the next turn's ``<usr>``)."""
+    def __init__(self, model: GPT, tokenizer: Tokenizer, stop_ids: tuple[int, ...] = (),
+                 trim_start: bool = False) -> None:
+        """``stop_ids``: tokens that end a sample like the end token (chat: the next turn's ``<usr>``);
+        ``trim_start``: a sample starts at its first non-space character (a chat answer after ``<sys>``)."""
         self.model, self.tokenizer = model, tokenizer
         self.suppress = never_generated(tokenizer)
         self.stop_ids = set(stop_ids)
+        self.trim_start = trim_start
         self.device = next(model.parameters()).device
 
     def prompt_ids(self, prompt: str) -> list[int]:
@@ -182,7 +182,16 @@ class TextSampler:
         rng = torch.Generator(device=self.device).manual_seed(seed)
         streams = [TextStream(self.tokenizer, prompt_ids) for _ in range(num_samples)]
         stops = [StopText(settings.stop) for _ in range(num_samples)]
+        counts = [0] * num_samples
+        started = [not self.trim_start] * num_samples
         ended = [False] * num_samples
+
+        def piece(index: int, text: str, finish: str | None = None) -> Piece:
+            if not started[index]:
+                text = text.lstrip()
+                started[index] = bool(text)
+            return Piece(index, text, finish, counts[index])
+
         for step in generate_ids(self.model, prompt_ids, settings, self.tokenizer.eos_id, num_samples, rng,
                                  self.suppress):
             for index, token in enumerate(step):
@@ -190,19 +199,22 @@ class TextSampler:
                     continue
                 if token is None or token in self.stop_ids:
                     ended[index] = True
-                    yield Piece(index, stops[index].flush(), "stop")
+                    yield piece(index, stops[index].flush(), "stop")
                     continue
+                counts[index] += 1
                 shown = stops[index].push(streams[index].push(token))
                 if stops[index].stopped:
                     ended[index] = True
-                    yield Piece(index, shown + stops[index].flush(), "stop")
+                    yield piece(index, shown + stops[index].flush(), "stop")
                 elif shown:
-                    yield Piece(index, shown)
+                    out = piece(index, shown)
+                    if out.text:  # all space before a trimmed start
+                        yield out
             if all(ended):
                 return
         for index in range(num_samples):
             if not ended[index]:
-                yield Piece(index, stops[index].flush(), "length")
+                yield piece(index, stops[index].flush(), "length")
 
     def complete(self, prompt_ids: list[int], settings: SamplingSettings, seed: int, num_samples: int = 1) -> list[str]:
         """The whole continuation of each sample."""
@@ -219,8 +231,7 @@ def fixed_sample(model: GPT, tokenizer: Tokenizer, phrase: str, chat: bool, seed
 
     if chat:
         turns = ChatFormat(tokenizer)
-        sampler = TextSampler(model, tokenizer, stop_ids=(turns.usr_id,))
         prompt = turns.prompt(TRAINING_SAMPLE_QUESTION, [], model.config.n_positions)
-        return f"{TRAINING_SAMPLE_QUESTION} -> {sampler.complete(prompt, TRAINING_SAMPLE, seed)[0]}"
+        return f"{TRAINING_SAMPLE_QUESTION} -> {turns.sampler(model).complete(prompt, TRAINING_SAMPLE, seed)[0]}"
     sampler = TextSampler(model, tokenizer)
     return phrase + sampler.complete(sampler.prompt_ids(phrase), TRAINING_SAMPLE, seed)[0]

@@ -24,6 +24,10 @@ class KVCache:
     def capacity(self) -> int:
         return self.buffer.shape[-2]
 
+    def restart(self) -> None:
+        """Forget every token (the buffer is kept: a captured graph relies on its address)."""
+        self.length = 0
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k.shape[-2]
         self.buffer[layer, 0, :, :, self.length:end] = k
@@ -45,9 +49,14 @@ class StaticKVCache(KVCache):
         self.position.fill_(self.length)
         self.decoding = True
 
+    def advance(self) -> None:
+        """After a decoding step: the next token goes in the next slot."""
+        self.position += 1
+        self.length += 1
+
     def restart(self) -> None:
-        """Forget everything (the buffer keeps its address, which a captured graph relies on)."""
-        self.length, self.decoding = 0, False
+        super().restart()
+        self.decoding = False
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.decoding:

@@ -124,9 +124,8 @@ def prompts_from(first: str | None, interactive: bool, stdin: TextIO, ask: str =
 def settings_from(args: argparse.Namespace, base: SamplingSettings) -> SamplingSettings:
     """The sampling flags the user gave, over ``base`` (the CLI's defaults, or chat's)."""
     given = getattr(args, "given", None)
-    values = {f.name: getattr(args, f.name) for f in fields(SamplingSettings)
-              if f.name != "stop" and (given is None or f.name in given)}
-    return SamplingSettings(**{**base.to_dict(), **values, "stop": tuple(args.stop or ())})
+    return base.updated({f.name: getattr(args, f.name) for f in fields(SamplingSettings)
+                         if f.name == "stop" or given is None or f.name in given})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -167,26 +166,37 @@ def _batch(args: argparse.Namespace, loop: PromptLoop, source: str) -> list[Samp
 
 
 def _conversation(args: argparse.Namespace, loop: PromptLoop, source: str) -> list[Sample]:
+    produced: list[Sample] = []
+
+    def respond(prompt: str) -> None:
+        for sample in loop.run(prompt):
+            produced.append(sample)
+            if args.samples:
+                save_sample_file(args.samples, sample, source)
+
+    converse(loop, args.tmp_sent, args.loops, respond)
+    return produced
+
+
+def converse(loop: PromptLoop, first: str | None, loops: int, respond: Callable[[str], object],
+             ask: str = "input : ") -> None:
+    """Typed or piped prompts until quit, end of input, Ctrl-C or ``loops`` answers (-1: no limit); lines starting
+    with "/" change settings. ``respond`` answers one prompt (text samples, or a chat answer)."""
     stdin = sys.stdin
     if hasattr(stdin, "reconfigure"):
         stdin.reconfigure(errors="replace")  # invalid UTF-8 typed or piped in must not crash the loop
     interactive = stdin.isatty()
-    produced: list[Sample] = []
     done = 0
     try:
-        for prompt in prompts_from(args.tmp_sent, interactive, stdin):
+        for prompt in prompts_from(first, interactive, stdin, ask):
             if prompt.startswith("/"):
                 print(loop.command(prompt))
                 continue
             if interactive and prompt.strip().lower() in QUIT:
                 break
-            for sample in loop.run(prompt):
-                produced.append(sample)
-                if args.samples:
-                    save_sample_file(args.samples, sample, source)
+            respond(prompt)
             done += 1
-            if args.loops >= 0 and done >= args.loops:
+            if loops >= 0 and done >= loops:
                 break
     except KeyboardInterrupt:
         print()
-    return produced

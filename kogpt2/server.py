@@ -75,12 +75,9 @@ class Completion:
 
 
 def sampling_settings(body: dict, base: SamplingSettings) -> SamplingSettings:
-    stop = body.get("stop") or ()
-    values = {"temperature": body.get("temperature"), "top_k": body.get("top_k"), "top_p": body.get("top_p"),
-              "repetition_penalty": body.get("repetition_penalty"), "no_repeat_ngram": body.get("no_repeat_ngram"),
-              "text_size": body.get("max_tokens")}
-    values = {k: v for k, v in values.items() if v is not None}
-    return SamplingSettings(**{**base.to_dict(), **values, "stop": (stop,) if isinstance(stop, str) else tuple(stop)})
+    """A request's sampling fields over ``base``; OpenAI's ``max_tokens`` is our ``text_size``."""
+    names = ("temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ngram", "stop")
+    return base.updated({"text_size": body.get("max_tokens"), **{name: body.get(name) for name in names}})
 
 
 def create_app(opened: OpenedModel, name: str):
@@ -92,7 +89,7 @@ def create_app(opened: OpenedModel, name: str):
 
     chat = opened.record is not None and opened.record.mode == "chat"
     chat_format = ChatFormat(opened.tokenizer) if chat else None
-    sampler = TextSampler(opened.model, opened.tokenizer, stop_ids=(chat_format.usr_id,) if chat else ())
+    sampler = chat_format.sampler(opened.model) if chat else TextSampler(opened.model, opened.tokenizer)
     worker = ModelWorker(sampler)
     app = FastAPI(title="kogpt2-finetune", docs_url=None, redoc_url=None)
 
@@ -145,7 +142,7 @@ def create_app(opened: OpenedModel, name: str):
             raise KoGPT2Error("messages must end with a user message")
         history = list(zip(turns[:-1:2], turns[1:-1:2]))
         settings = sampling_settings(body, CHAT_SAMPLING)
-        prompt_ids = chat_format.prompt(turns[-1], history, max(1, opened.model.config.n_positions - settings.text_size))
+        prompt_ids = chat_format.answer_prompt(turns[-1], history, opened.model, settings.text_size)
         return await respond(prompt_ids, settings, body, "chat.completion",
                              lambda piece: {"delta": {"content": piece.text}}, chat_reply=True)
 
@@ -157,12 +154,7 @@ def create_app(opened: OpenedModel, name: str):
         head = {"id": ident, "created": created, "model": name, "seed": seed, "settings": settings.to_dict()}
         if body["stream"]:
             async def events():
-                started: set[int] = set()
                 async for piece in completion:
-                    if chat_reply and piece.index not in started:  # an answer starts with its first word
-                        piece = Piece(piece.index, piece.text.lstrip(), piece.finish)
-                    if piece.text:
-                        started.add(piece.index)
                     choice = {"index": piece.index, **chunk(piece), "finish_reason": piece.finish}
                     event = {**head, "object": kind + ".chunk" if chat_reply else kind, "choices": [choice]}
                     yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
@@ -170,14 +162,14 @@ def create_app(opened: OpenedModel, name: str):
 
             return StreamingResponse(events(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        texts, finishes = [""] * n, ["length"] * n
+        texts, finishes, counts = [""] * n, ["length"] * n, [0] * n
         async for piece in completion:
             texts[piece.index] += piece.text
             if piece.finish:
-                finishes[piece.index] = piece.finish
-        completion_tokens = sum(len(opened.tokenizer.encode(t)) for t in texts)
+                finishes[piece.index], counts[piece.index] = piece.finish, piece.tokens
+        completion_tokens = sum(counts)
         if chat_reply:
-            choices = [{"index": i, "message": {"role": "assistant", "content": t.strip()}, "finish_reason": f}
+            choices = [{"index": i, "message": {"role": "assistant", "content": t.rstrip()}, "finish_reason": f}
                        for i, (t, f) in enumerate(zip(texts, finishes))]
         else:
             choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": f}

@@ -64,8 +64,7 @@ def test_bad_flag_values_are_one_line_and_exit_2(capsys, cli, argv, message):
         CLIS[cli]()(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith(("main.py: error:", "generator.py: error:", "python -m kogpt2.evaluate: error:")) or \
-        "error:" in err[-1]
+    assert ": error: " in err[-1]  # argparse's one line (its program name depends on how it was started)
     assert message in err[-1] and "Traceback" not in "\n".join(err)
 
 

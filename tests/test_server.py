@@ -98,6 +98,8 @@ def test_completions_equal_the_cli(server, trained, capsys, flags):
     assert "오늘 아침에" + answer["choices"][0]["text"] == want
     assert answer["choices"][0]["finish_reason"] in ("stop", "length")
     assert answer["usage"]["prompt_tokens"] > 0
+    if answer["choices"][0]["finish_reason"] == "length":  # the tokens drawn, not a re-encoding of the text
+        assert answer["usage"]["completion_tokens"] == 25
 
 
 def stream_events(server, body):
