@@ -44,22 +44,22 @@ def run(args: argparse.Namespace) -> int:
         leave(world)
 
 
-def _start(args: argparse.Namespace, say) -> tuple[OpenedModel | None, str]:
-    """The checkpoint to resume, if any, and how the run starts (for the log)."""
+def _start(args: argparse.Namespace, say) -> OpenedModel | None:
+    """The checkpoint to resume, if any."""
     if not args.load_path:
-        return None, ""
+        return None
     path = find_checkpoint(args.load_path, prefer_best=False)
     if path is None:
         say(f"no checkpoint in {args.load_path} yet")
-        return None, ""
+        return None
     if not path.exists():
         say(f"{path} does not exist yet: starting from {args.pretrained}")
-        return None, ""
+        return None
     opened = open_model(str(path), args.pretrained)
     if opened.record.ours and not opened.record.resumable:
         raise KoGPT2Error(f"{path} holds a model but no training state (a file written by kogpt2.export), so a run "
                           f"cannot resume from it; start a new run from its weights: --pretrained {path}")
-    return opened, str(path)
+    return opened
 
 
 def take_checkpoint_settings(args: argparse.Namespace, recorded: dict, given: set[str], say) -> None:
@@ -91,7 +91,7 @@ def _run(args: argparse.Namespace, world: World, device_name: str) -> int:
     device = pick_device(device_name)
     train_csv = CsvFile(args.data_file_path, args.encoding)  # checked before any model is loaded or downloaded
     val_csv = CsvFile(args.val_file, args.encoding) if args.val_file else None
-    resume, resumed_from = _start(args, say)
+    resume = _start(args, say)
     if resume is not None and resume.record.ours:
         take_checkpoint_settings(args, resume.record.args, getattr(args, "given", set()), say)
     torch.manual_seed(args.seed)  # a fresh model's initial weights, dropout: all follow --seed
@@ -102,9 +102,9 @@ def _run(args: argparse.Namespace, world: World, device_name: str) -> int:
     if resume is not None:
         model, tokenizer = resume.model, resume.tokenizer
         if resume.record.ours:
-            say(f"resuming from {resumed_from}: step {resume.record.step}, epoch {resume.record.epoch + 1}")
+            say(f"resuming from {resume.source}: step {resume.record.step}, epoch {resume.record.epoch + 1}")
         else:
-            say(f"starting from the weights of the 2020 checkpoint {resumed_from} (its optimizer state is not reused)")
+            say(f"starting from the weights of the 2020 checkpoint {resume.source} (its optimizer state is not reused)")
     elif is_scratch(args.pretrained):
         learn_from = corpus.texts(0 if args.val_file else args.val_ratio)
         model, tokenizer = scratch_model(args.pretrained, learn_from, args.vocab_size)
@@ -140,7 +140,7 @@ def _run(args: argparse.Namespace, world: World, device_name: str) -> int:
                            "chat" if args.chat else "text")
     trainer = Trainer(model.to(device), tokenizer, train_data, val_data, settings, source, log=say, world=world)
     if resume is not None and resume.record.ours:
-        trainer.restore(resume.payload, Path(resumed_from))
+        trainer.restore(resume.payload, resume.record.path)
 
     say(f"data: {plural(corpus.rows_read, 'row')} read ({train_csv.encoding}), {corpus.rows_empty} empty skipped; "
         f"{train_data.rows} for training, {val_data.rows if val_data else 0} for validation; "

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import SAMPLE_CSV, TINY_TRAINING, run_main
+from conftest import SAMPLE_CSV, run_main
 from kogpt2.checkpoint import load_checkpoint
 
 # TINY_TRAINING without its batch size, which these runs set themselves

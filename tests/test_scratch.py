@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, SAMPLE_CSV, TINY_TRAINING, run_main
+from conftest import REPO, SAMPLE_CSV
 from kogpt2.checkpoint import load_checkpoint
 from kogpt2.loading import model_from_checkpoint
 from kogpt2.errors import KoGPT2Error
