@@ -27,6 +27,7 @@ def test_readme_test_command_finds_the_package(tmp_path):
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
     assert "pip install -r requirements-test.txt && pytest" in readme and "pip install -r requirements-test.txt && pytest\n" in ci
+    assert "pytest -m slow" in readme and "\npytest -m slow" in ci  # the tests a plain pytest leaves out still run in CI
 
 
 @pytest.mark.parametrize("cli, argv, message", [
