@@ -1,12 +1,15 @@
-"""Argument types shared by the CLIs, so a bad number or device is refused by argparse with one line (exit 2)
-before torch is even imported."""
+"""The CLIs' parser and argument types, so a bad number, device or flag is refused with one line (exit 2) before
+torch is even imported."""
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import re
+from typing import NoReturn
 
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+FLAG = re.compile(r"^--?[^\W\d]")  # "--name" or "-n", not a negative number
 
 
 def integer(minimum: int):
@@ -66,3 +69,32 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
             return text
         return f"{text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """Every CLI's parser: a mistake is one ``error: ...`` line and exit 2 (no usage dump), a mistyped flag is named
+    with the flag meant, and help is Korean first like the README (with each flag's real default)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(formatter_class=HelpFormatter, add_help=False, **kwargs)
+        self.add_argument("-h", "--help", action="help", help="이 도움말을 보이고 끝냄 / show this help and exit")
+
+    def parse_args(self, args=None, namespace=None) -> argparse.Namespace:
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(self.unknown(extras))
+        return parsed
+
+    def unknown(self, extras: list[str]) -> str:
+        """What is wrong with the arguments argparse could not place: a flag it does not have (and the close one, as
+        ``--save-path`` for ``--save_path`` or ``--epochs`` for ``--epoch``), or a value without its flag."""
+        typed = next((token.split("=", 1)[0] for token in extras if FLAG.match(token)), None)
+        if typed is None:
+            return f"unexpected argument {extras[0]}: every value follows its flag (--help lists them)"
+        flags = [flag for flag in self._option_string_actions if flag.startswith("--")]
+        spelled = "--" + typed.lstrip("-").replace("-", "_")
+        close = difflib.get_close_matches(spelled, flags, n=1, cutoff=0.6)
+        return f"unknown flag {typed}; " + (f"did you mean {close[0]}?" if close else "--help lists the flags")
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}\n")

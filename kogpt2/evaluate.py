@@ -9,31 +9,42 @@ import argparse
 import math
 import sys
 
-from .arguments import HelpFormatter, device, integer
+from .arguments import Parser, device, integer
 from .defaults import PRETRAINED, TEXT_COLUMN
 from .errors import KoGPT2Error, report_errors
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m kogpt2.evaluate", description=__doc__, formatter_class=HelpFormatter)
+    parser = Parser(prog="python -m kogpt2.evaluate", description="체크포인트의 퍼플렉시티 / " + __doc__)
     parser.add_argument("--load_path", default=None,
-                        help="checkpoint to evaluate, or a folder (its best checkpoint); without it: --pretrained")
-    parser.add_argument("--pretrained", default=PRETRAINED, help="model to evaluate without --load_path")
+                        help="평가할 체크포인트 또는 폴더 (그 안의 최고 체크포인트); 없으면 --pretrained / checkpoint "
+                             "to evaluate, or a folder (its best checkpoint); without it: --pretrained")
+    parser.add_argument("--pretrained", default=PRETRAINED,
+                        help="--load_path가 없을 때 평가할 모델 / model to evaluate without --load_path")
     parser.add_argument("--data_file_path", default=None,
-                        help="CSV with the text column (default: the CSV the checkpoint was trained on)")
+                        help="텍스트 열이 있는 CSV / CSV with the text column (default: the CSV the checkpoint was "
+                             "trained on)")
     parser.add_argument("--split", default="all", choices=["all", "val"],
-                        help="all: every row of the CSV; val: only the rows the run held out for validation (the "
+                        help="all: CSV의 모든 행; val: 학습 때 검증용으로 떼어 둔 행만 / all: every row of the CSV; val: "
+                             "only the rows the run held out for validation (the "
                              "log's val_ppl; rows it trained on score lower)")
     parser.add_argument("--column", default=None,
-                        help=f"CSV column holding the text (default: the checkpoint's, else {TEXT_COLUMN})")
-    parser.add_argument("--encoding", default=None, help="CSV encoding (default: detect UTF-8, CP949/EUC-KR)")
+                        help=f"텍스트가 든 CSV 열 / CSV column holding the text (default: the checkpoint's, else "
+                             f"{TEXT_COLUMN})")
+    parser.add_argument("--encoding", default=None,
+                        help="CSV 인코딩 / CSV encoding (default: detect UTF-8, CP949/EUC-KR)")
     parser.add_argument("--max_len", type=integer(8), default=None,
-                        help="block size (default: the checkpoint's training one, else 256)")
-    parser.add_argument("--batch_size", type=integer(1), default=4, help="blocks per forward pass")
-    parser.add_argument("--no_cache", action="store_true", help="do not read or write the CSV's token cache")
-    parser.add_argument("--device", type=device, default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
+                        help="블록 크기 / block size (default: the checkpoint's training one, else 256)")
+    parser.add_argument("--batch_size", type=integer(1), default=4,
+                        help="한 번에 계산할 블록 수 / blocks per forward pass")
+    parser.add_argument("--no_cache", action="store_true",
+                        help="CSV의 토큰 캐시를 읽지도 쓰지도 않음 / do not read or write the CSV's token cache")
+    parser.add_argument("--device", type=device, default="auto",
+                        help="장치: auto (cuda, mps, cpu 순), cpu, cuda, cuda:N, mps / auto (cuda, mps, cpu), cpu, "
+                             "cuda, cuda:N, mps")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                        help="auto: bf16 autocast on GPUs that have it, fp16 on older GPUs, fp32 on the CPU")
+                        help="auto: bf16을 지원하는 GPU는 bf16, 구형 GPU는 fp16, CPU는 fp32 / auto: bf16 autocast on "
+                             "GPUs that have it, fp16 on older GPUs, fp32 on the CPU")
     return parser.parse_args(argv)
 
 

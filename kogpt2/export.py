@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .arguments import Parser
 from .checkpoint import find_checkpoint, generation_payload, is_ours, load_checkpoint, save_checkpoint, tokenizer_of
 from .chat import ChatFormat
 from .defaults import CHAT_SAMPLING, PRETRAINED, SAMPLING
@@ -217,11 +217,12 @@ def sentencepiece_as_tokenizer_json(model: bytes) -> bytes:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kogpt2.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="a .tar written by main.py, or a folder (its best checkpoint)")
-    parser.add_argument("out", help="OUT.tar: generation-only file; any other path: Hugging Face folder")
-    parser.add_argument("--half", action="store_true", help="bf16 weights (half the size)")
+    parser = Parser(prog="python -m kogpt2.export", description="체크포인트 내보내기 / " + __doc__)
+    parser.add_argument("checkpoint", help="main.py가 쓴 .tar 또는 폴더 (그 안의 최고 체크포인트) / a .tar written by "
+                                           "main.py, or a folder (its best checkpoint)")
+    parser.add_argument("out", help="OUT.tar: 생성 전용 파일; 그 밖의 경로: Hugging Face 폴더 / OUT.tar: generation-only "
+                                    "file; any other path: Hugging Face folder")
+    parser.add_argument("--half", action="store_true", help="bf16 가중치 (크기 절반) / bf16 weights (half the size)")
     args = parser.parse_args(argv)
 
     def work() -> int:

@@ -5,11 +5,11 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
+from .arguments import Parser
 from .errors import KoGPT2Error, report_errors
 
 KOREAN_FONTS = ("NanumGothic", "NanumBarunGothic", "Noto Sans CJK KR", "Noto Sans KR", "Malgun Gothic", "AppleGothic",
@@ -81,9 +81,9 @@ def plot_metrics(folder: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kogpt2.plot", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", help="main.py's --save_path folder, or its metrics.jsonl")
+    parser = Parser(prog="python -m kogpt2.plot", description="학습 곡선 그리기 / " + __doc__)
+    parser.add_argument("run", help="main.py의 --save_path 폴더 또는 그 안의 metrics.jsonl / main.py's --save_path "
+                                    "folder, or its metrics.jsonl")
     args = parser.parse_args(argv)
     return report_errors(lambda: print(f"written: {plot_metrics(args.run)}") or 0)
 

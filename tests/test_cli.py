@@ -13,6 +13,8 @@ CLIS = {
     "main.py": lambda: __import__("main").parse_args,
     "generator.py": lambda: __import__("generator").parse_args,
     "kogpt2.evaluate": lambda: __import__("kogpt2.evaluate", fromlist=["parse_args"]).parse_args,
+    "kogpt2.export": lambda: __import__("kogpt2.export", fromlist=["main"]).main,
+    "kogpt2.plot": lambda: __import__("kogpt2.plot", fromlist=["main"]).main,
 }
 
 
@@ -65,8 +67,27 @@ def test_bad_flag_values_are_one_line_and_exit_2(capsys, cli, argv, message):
         CLIS[cli]()(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert ": error: " in err[-1]  # argparse's one line (its program name depends on how it was started)
-    assert message in err[-1] and "Traceback" not in "\n".join(err)
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]  # one line, no usage dump
+
+
+@pytest.mark.parametrize("cli, argv, line", [
+    ("main.py", ["--epochs", "3"], "error: unknown flag --epochs; did you mean --epoch?"),
+    ("main.py", ["--save-path", "run/"], "error: unknown flag --save-path; did you mean --save_path?"),
+    ("main.py", ["--epoch", "3", "--save-path=run/"], "error: unknown flag --save-path; did you mean --save_path?"),
+    ("main.py", ["-batch_size", "8"], "error: unknown flag -batch_size; did you mean --batch_size?"),
+    ("main.py", ["run/"], "error: unexpected argument run/: every value follows its flag (--help lists them)"),
+    ("generator.py", ["--temprature", "0.5"], "error: unknown flag --temprature; did you mean --temperature?"),
+    ("generator.py", ["--load-path", "run/"], "error: unknown flag --load-path; did you mean --load_path?"),
+    ("kogpt2.evaluate", ["--data-file-path", "a.csv"],
+     "error: unknown flag --data-file-path; did you mean --data_file_path?"),
+    ("kogpt2.export", ["run/", "out.tar", "--halve"], "error: unknown flag --halve; did you mean --half?"),
+    ("kogpt2.plot", ["run/", "--verbose"], "error: unknown flag --verbose; --help lists the flags"),
+])
+def test_a_mistyped_flag_is_one_line_naming_the_flag_meant(capsys, cli, argv, line):
+    with pytest.raises(SystemExit) as exit_info:
+        CLIS[cli]()(argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [line]
 
 
 @pytest.mark.parametrize("module", ["main.py", "generator.py", "kogpt2.evaluate", "kogpt2.plot", "kogpt2.export"])
@@ -78,12 +99,12 @@ def test_help_gives_every_flag_one_line_with_its_real_default(module):
     for wrong in ("(default: None)", "(default: False)", "``"):
         assert wrong not in text, wrong
     assert not re.search(r"\(default[^)]*\)\s*\(default", text), "a default printed twice"
-    options = [line for line in result.stdout.splitlines() if line.startswith("  -")]
-    described = result.stdout.split("options:")[1]
-    for option in options:
-        flag = option.split()[0].rstrip(",")
-        block = described.split(option, 1)[1].split("\n  -", 1)[0]
-        assert block.strip() or len(option.split("  ")) > 2, f"{module} {flag} has no help"
+    entries = [entry for section in result.stdout.split("\n\n")
+               if section.startswith(("positional arguments:\n", "options:\n"))
+               for entry in re.split(r"\n(?=  \S)", section.split("\n", 1)[1])]
+    assert any(entry.lstrip().startswith("-h, --help") for entry in entries)
+    for entry in entries:  # Korean first, like the README (names and metavars are ASCII)
+        assert re.search("[가-힣]", entry), f"{module} {entry.split()[0]} has no Korean help"
     if module == "main.py":
         assert "(default: 5)" in text and "(default: skt/kogpt2-base-v2)" in text
 
