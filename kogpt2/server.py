@@ -6,8 +6,11 @@ cancels its generation, and the next request starts at once.
 """
 
 import asyncio
+import errno
 import json
+import os
 import queue
+import socket
 import threading
 import time
 import uuid
@@ -187,10 +190,28 @@ def serve(opened: OpenedModel, name: str, host: str, port: int) -> None:
         import uvicorn
     except ImportError:
         raise KoGPT2Error(f"--serve needs the web server packages: {SERVE_INSTALL}") from None
-    app = create_app(opened, name)
+    listening = listening_socket(host, port)
+    server = uvicorn.Server(uvicorn.Config(create_app(opened, name), log_level="warning"))
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {name} at http://{shown}:{port}/  (API: /v1/completions{', /v1/chat/completions' if opened.record and opened.record.mode == 'chat' else ''}; Ctrl-C stops)", flush=True)
+    with listening:
+        server.run(sockets=[listening])
+    if not server.started:
+        raise KoGPT2Error(f"the web server on {host}:{port} did not start (its message is above)")
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the banner names its address: a port in use is one line naming ``--port``,
+    never the address and then the web server's own error."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    if os.name == "posix":  # a restart need not wait out TIME_WAIT; elsewhere it would share a port in use
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        sock.bind((host, port))
     except OSError as error:
-        raise KoGPT2Error(f"cannot serve on {host}:{port}: {error.strerror}; choose another --port") from None
+        sock.close()
+        if error.errno == errno.EADDRINUSE:
+            raise KoGPT2Error(f"port {port} on {host} is in use (another server?); choose another --port") from None
+        raise KoGPT2Error(f"cannot serve on {host}:{port}: {error.strerror}; check --host, or choose another "
+                          "--port") from None
+    return sock

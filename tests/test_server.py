@@ -84,6 +84,18 @@ def test_banner_health_and_models(server, trained):
     assert status == 200 and "생성 / Generate" in page and "<script src=\"/app.js\">" in page
 
 
+def test_a_port_in_use_is_one_line_before_any_address(trained, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        capsys.readouterr()
+        assert run_generator("--load_path", trained / "KoGPT2_best.tar", "--serve", "--port", port) == 2
+    out, err = capsys.readouterr()
+    assert "http://" not in out
+    assert err == f"error: port {port} on 127.0.0.1 is in use (another server?); choose another --port\n"
+
+
 @pytest.mark.parametrize("flags", [dict(temperature=0), dict(temperature=0.9, top_k=20, top_p=0.8, seed=11),
                                    dict(temperature=1.0, repetition_penalty=1.3, seed=5, stop=["다"])])
 def test_completions_equal_the_cli(server, trained, capsys, flags):
