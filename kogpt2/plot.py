@@ -23,11 +23,26 @@ LABELS = {
 
 
 def korean_font() -> str | None:
-    """An installed font with Hangul, so Korean labels never turn into boxes."""
+    """An installed font with Hangul, so Korean labels never turn into boxes. matplotlib lists the fonts it found when
+    it built its font cache; when none of those has Hangul, the system's font files it has not read yet are read once,
+    so a font installed since (``apt-get install fonts-nanum``) is used at once, without deleting that cache."""
     from matplotlib import font_manager
 
-    installed = {font.name for font in font_manager.fontManager.ttflist}
-    return next((name for name in KOREAN_FONTS if name in installed), None)
+    manager = font_manager.fontManager
+
+    def listed() -> str | None:
+        names = {font.name for font in manager.ttflist}
+        return next((name for name in KOREAN_FONTS if name in names), None)
+
+    if listed() is None:
+        known = {font.fname for font in manager.ttflist}
+        for path in font_manager.findSystemFonts():
+            if path not in known:
+                try:
+                    manager.addfont(path)
+                except Exception:  # a file FreeType cannot read: matplotlib's own scan skips it the same way
+                    continue
+    return listed()
 
 
 def plot_metrics(folder: str | Path) -> Path:
