@@ -3,8 +3,8 @@
 
 Keys (docs/ARCHITECTURE.md lists them with their types): ``model_state_dict``, ``optimizer_state_dict``, ``epoch``,
 ``train_no`` and ``loss`` as in 2020 checkpoints; ``format_version``, ``config``, ``tokenizer``, ``progress``,
-``schedule``, ``settings``, ``rng``, ``scaler``, ``data_fingerprint``, ``data``, ``pretrained``, ``mode`` and
-``args`` are ours."""
+``schedule``, ``settings``, ``rng``, ``scaler``, ``data_fingerprint``, ``data``, ``pretrained``, ``mode``, ``args``
+and ``run`` are ours."""
 from __future__ import annotations
 
 import errno
@@ -12,6 +12,7 @@ import os
 import pickle
 import re
 import tempfile
+import uuid
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from .tokenizer import Tokenizer, tokenizer_from_bytes
 FORMAT_VERSION = 1
 NAME = re.compile(r"^KoGPT2_checkpoint_(\d+)\.tar$")
 BEST_NAME = "KoGPT2_best.tar"
+UNNAMED_RUN = "unnamed"  # the run of our checkpoints written before runs had an identity: all count as one
 
 
 def checkpoint_name(step: int) -> str:
@@ -170,6 +172,7 @@ class CheckpointRecord:
     data_sha256: str | None
     column: str | None
     pretrained: str | None
+    run: str | None  # the training run it belongs to (kept by a resume); None: a 2020 checkpoint
     args: dict = field(default_factory=dict)
 
 
@@ -181,13 +184,35 @@ def read_record(payload: dict, path: str | Path) -> CheckpointRecord:
         resumable=is_ours(payload) and "optimizer_state_dict" in payload and "rng" in payload,
         step=int(progress.get("step", payload.get("train_no", 0))), epoch=int(progress.get("epoch", payload.get("epoch", 0))),
         mode=payload.get("mode", "text"), data_path=data.get("path"), data_sha256=data.get("sha256"),
-        column=data.get("column"), pretrained=payload.get("pretrained"), args=dict(payload.get("args", {})))
+        column=data.get("column"), pretrained=payload.get("pretrained"), run=run_of(payload),
+        args=dict(payload.get("args", {})))
 
 
-def source_record(data_path: str, data_sha256: str, column: str, pretrained: str, args: dict, mode: str) -> dict:
-    """Where a run's model and data came from, stored as-is in each of its checkpoints."""
+def new_run() -> str:
+    """The identity of a new training run: its checkpoints carry it, so a folder tells its own run from another."""
+    return uuid.uuid4().hex
+
+
+def run_of(payload: dict) -> str | None:
+    """The run a checkpoint belongs to; None for a 2020 checkpoint, which no run of ours continues."""
+    return payload.get("run", UNNAMED_RUN) if is_ours(payload) else None
+
+
+def run_of_file(path: Path) -> str | None:
+    """``run_of`` without reading the tensors (memory-mapped: about 0.1 s for a full-size checkpoint); None for a
+    file that cannot be read that way, which thus belongs to no run."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    return run_of(payload) if isinstance(payload, dict) else None
+
+
+def source_record(data_path: str, data_sha256: str, column: str, pretrained: str, args: dict, mode: str,
+                  run: str) -> dict:
+    """Where a run's model and data came from, and which run it is, stored as-is in each of its checkpoints."""
     return {"data": {"path": str(data_path), "sha256": data_sha256, "column": column}, "pretrained": pretrained,
-            "mode": mode, "args": {k: v for k, v in args.items() if v is not None}}
+            "mode": mode, "args": {k: v for k, v in args.items() if v is not None}, "run": run}
 
 
 def training_payload(*, model_state: dict, optimizer_state: dict, config: dict, tokenizer: Tokenizer, progress: dict,
@@ -211,10 +236,14 @@ def training_payload(*, model_state: dict, optimizer_state: dict, config: dict, 
     }
 
 
-def rotate(folder: Path, keep_last: int) -> None:
-    """Keep the newest ``keep_last`` regular checkpoints (0: all); ``KoGPT2_best.tar`` is a separate name."""
+def rotate(folder: Path, keep_last: int, run: str, step: int) -> None:
+    """Keep the newest ``keep_last`` (0: all) of ``run``'s regular checkpoints up to ``step``, the one just written.
+    Another run's files are never touched, nor this run's past ``step`` (an earlier branch of it, resumed from an
+    older checkpoint), so the file just written always stays; ``KoGPT2_best.tar`` is a separate name."""
     if keep_last > 0:
-        for _, old in regular_checkpoints(Path(folder))[:-keep_last]:
+        mine = [path for number, path in regular_checkpoints(Path(folder))
+                if number <= step and run_of_file(path) == run]
+        for old in mine[:-keep_last]:
             old.unlink(missing_ok=True)
 
 

@@ -3,17 +3,20 @@ train."""
 from __future__ import annotations
 
 import argparse
+import shlex
 import traceback
 from pathlib import Path
 
 import torch
 
-from .checkpoint import BEST_NAME, find_checkpoint, source_record
+from .checkpoint import BEST_NAME, find_checkpoint, new_run, regular_checkpoints, run_of_file, source_record
 from .data import CsvFile
 from .defaults import FINETUNE_LR, MAX_LEN, SCRATCH_LR
 from .distributed import World, join, leave
 from .errors import KoGPT2Error
 from .loading import OpenedModel, open_model
+from .metrics_log import METRICS_NAME
+from .optim import steps_per_epoch, warmup_steps
 from .packing import Corpus
 from .plot import plot_metrics
 from .pretrained import ReleaseUnavailable
@@ -62,6 +65,30 @@ def _start(args: argparse.Namespace, say) -> OpenedModel | None:
     return opened
 
 
+def refuse_another_run(save_path: str, run: str, load_path: str | None) -> None:
+    """A run writes into a new folder or its own: another run's checkpoints would be overwritten or rotated away and
+    its metrics mixed with these. Metrics with no checkpoint are a run that never saved: restarting it (--load_path
+    of that folder) starts over."""
+    folder = Path(save_path)
+    if not folder.is_dir():
+        return
+    checkpoints = [path for _, path in regular_checkpoints(folder)] + [p for p in [folder / BEST_NAME] if p.is_file()]
+    if checkpoints:
+        others = [path for path in checkpoints if run_of_file(path) != run]
+    else:
+        restarting = load_path is not None and Path(load_path).resolve() == folder.resolve()
+        others = [folder / METRICS_NAME] if (folder / METRICS_NAME).is_file() and not restarting else []
+    if others:
+        names = ", ".join([path.name for path in others[:2]] + ["..."] * (len(others) > 2))
+        raise KoGPT2Error(f"--save_path {save_path} already holds another training run ({names}): continue that run "
+                          f"with --load_path {save_path}, or give this one a fresh --save_path")
+
+
+def as_flag(name: str, value) -> str:
+    """A setting as it is typed on a command line: ``--max_len 64``, a switch alone (``--chat``)."""
+    return f"--{name}" if value is True else f"--{name} {shlex.quote(str(value))}"
+
+
 def take_checkpoint_settings(args: argparse.Namespace, recorded: dict, given: set[str], say) -> None:
     """A resume continues with the checkpoint's settings unless the user gives new ones; both are said."""
     taken, changed = [], []
@@ -70,10 +97,11 @@ def take_checkpoint_settings(args: argparse.Namespace, recorded: dict, given: se
             continue
         if name in given:
             if getattr(args, name) != recorded[name]:
-                changed.append(f"--{name} {getattr(args, name)} (was {recorded[name]})")
+                was = "off" if recorded[name] is False else recorded[name]
+                changed.append(f"{as_flag(name, getattr(args, name))} (was {was})")
         elif getattr(args, name) != recorded[name]:
             setattr(args, name, recorded[name])
-            taken.append(f"--{name} {recorded[name]}")
+            taken.append(as_flag(name, recorded[name]))
     if taken:
         say(f"resuming with the checkpoint's settings: {' '.join(taken)}")
     if changed:
@@ -92,8 +120,14 @@ def _run(args: argparse.Namespace, world: World, device_name: str) -> int:
     train_csv = CsvFile(args.data_file_path, args.encoding)  # checked before any model is loaded or downloaded
     val_csv = CsvFile(args.val_file, args.encoding) if args.val_file else None
     resume = _start(args, say)
-    if resume is not None and resume.record.ours:
+    continuing = resume is not None and resume.record.ours
+    run = resume.record.run if continuing else new_run()
+    refuse_another_run(args.save_path, run, args.load_path)
+    if continuing:
+        args.pretrained = resume.record.pretrained or args.pretrained  # the run's origin, which its defaults follow
         take_checkpoint_settings(args, resume.record.args, getattr(args, "given", set()), say)
+    if args.lr is None:
+        args.lr = SCRATCH_LR if is_scratch(args.pretrained) else FINETUNE_LR
     torch.manual_seed(args.seed)  # a fresh model's initial weights, dropout: all follow --seed
     precision = pick_precision(args.precision, device)
     corpus = corpus_of(train_csv, args)
@@ -128,16 +162,18 @@ def _run(args: argparse.Namespace, world: World, device_name: str) -> int:
         val_data, _ = val_corpus.pack(tokenizer, args.max_len, 0)
     else:
         train_data, val_data = corpus.pack(tokenizer, args.max_len, args.val_ratio)
+    # recorded as resolved, so a resume (of any --epoch) goes on with the same steps, not a longer run's 5%
+    args.warmup = warmup_steps(args.warmup, args.epoch * steps_per_epoch(len(train_data.blocks),
+                                                                         args.batch_size * world.size, args.grad_accum))
     settings = TrainSettings(
         save_path=args.save_path, epochs=args.epoch, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        lr=args.lr if args.lr is not None else (SCRATCH_LR if is_scratch(args.pretrained) else FINETUNE_LR),
-        warmup=args.warmup, eval_every=args.eval_every, save_every=args.save_every,
+        lr=args.lr, warmup=args.warmup, eval_every=args.eval_every, save_every=args.save_every,
         keep_last=args.keep_last, patience=args.patience, seed=args.seed, precision=precision,
         samples_dir=args.samples, tensorboard=args.tensorboard, chat=args.chat,
         compile=use_compile(args.compile, device), grad_checkpoint=args.grad_checkpoint)
     recorded_args = {k: v for k, v in vars(args).items() if k != "given"}
     source = source_record(args.data_file_path, train_csv.sha256, corpus.column, args.pretrained, recorded_args,
-                           "chat" if args.chat else "text")
+                           "chat" if args.chat else "text", run)
     trainer = Trainer(model.to(device), tokenizer, train_data, val_data, settings, source, log=say, world=world)
     if resume is not None and resume.record.ours:
         trainer.restore(resume.payload, resume.record.path)

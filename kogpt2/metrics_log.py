@@ -18,7 +18,7 @@ def _tensorboard_writer(folder: Path):
 
 
 class MetricsLog:
-    """Appends each step's numbers; after a resume, forgets the lines logged past the checkpoint's step."""
+    """Appends each step's numbers; a run that starts at step k (a resume) first forgets the lines past k."""
 
     def __init__(self, folder: Path, tensorboard: bool) -> None:
         self.folder = Path(folder)

@@ -11,9 +11,19 @@ if TYPE_CHECKING:
     from .train import TrainSettings
 
 
+def steps_per_epoch(blocks: int, global_batch: int, grad_accum: int) -> int:
+    """Optimizer steps in one pass over ``blocks`` (the last batch and the last accumulation may be short)."""
+    return math.ceil(math.ceil(blocks / global_batch) / grad_accum)
+
+
+def warmup_steps(warmup: int, total_steps: int) -> int:
+    """``warmup`` optimizer steps, where -1 means 5% of the run."""
+    return warmup if warmup >= 0 else max(1, total_steps // 20)
+
+
 def learning_rate(step: int, settings: TrainSettings, total_steps: int) -> float:
     """Linear warmup, then cosine decay to a tenth of ``lr`` at the last step."""
-    warmup = settings.warmup if settings.warmup >= 0 else max(1, total_steps // 20)
+    warmup = warmup_steps(settings.warmup, total_steps)
     if step < warmup:
         return settings.lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total_steps - warmup)

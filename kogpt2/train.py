@@ -19,7 +19,7 @@ from .generate import fixed_sample
 from .hf_layout import hf_state_dict
 from .metrics_log import MetricsLog
 from .model import GPT
-from .optim import learning_rate, make_optimizer
+from .optim import learning_rate, make_optimizer, steps_per_epoch
 from .packing import PackedData, epoch_order
 from .runtime import sum_dtype
 from .steps import batch_loss_sum, evaluate
@@ -89,7 +89,7 @@ class Trainer:
         self.progress = Progress()
         self.save_path = Path(settings.save_path)
         self.global_batch = settings.batch_size * world.size
-        self.steps_per_epoch = math.ceil(math.ceil(len(train_data.blocks) / self.global_batch) / settings.grad_accum)
+        self.steps_per_epoch = steps_per_epoch(len(train_data.blocks), self.global_batch, settings.grad_accum)
         self.total_steps = self.steps_per_epoch * settings.epochs
         self.last_saved_step = -1
         self.last_path: Path | None = None
@@ -132,8 +132,6 @@ class Trainer:
             self.log("note: the training data differ from the checkpoint's; continuing from the start of its epoch")
             self.progress.batch_in_epoch = 0
         self.last_saved_step = self.progress.step
-        if self.metrics is not None:
-            self.metrics.trim(self.progress.step)
 
     def save(self, best: bool = False) -> Path:
         """Write ``KoGPT2_checkpoint_<step>.tar`` (once per step), keep the newest ``keep_last``, and link the best.
@@ -146,7 +144,7 @@ class Trainer:
         if self.last_saved_step != self.progress.step:
             save_checkpoint(path, self.state(rng_per_rank))
             self.last_saved_step = self.progress.step
-            rotate(self.save_path, self.settings.keep_last)
+            rotate(self.save_path, self.settings.keep_last, self.source["run"], self.progress.step)
         if best:
             link_checkpoint(path, self.save_path / BEST_NAME)
         return path
@@ -188,6 +186,8 @@ class Trainer:
         from tqdm.auto import tqdm
 
         settings, progress = self.settings, self.progress
+        if self.metrics is not None:  # a resume's steps past its checkpoint, or a restart's that never saved
+            self.metrics.trim(progress.step)
         self.model.train()
         self.last_path = None
         with StopRequest() as stop:

@@ -70,7 +70,8 @@ def quickstart_commands() -> list[str]:
 
 def test_readme_quickstart_runs_offline_in_a_clean_checkout(tmp_path):
     checkout = tmp_path / "checkout"
-    shutil.copytree(REPO, checkout, ignore=shutil.ignore_patterns(".git", "checkpoint", "__pycache__", ".pytest_cache"))
+    shutil.copytree(REPO, checkout, ignore=shutil.ignore_patterns(".git", "checkpoint", "quickstart", "__pycache__",
+                                                                  ".pytest_cache"))
     (checkout / "checkpoint").mkdir()
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HOME": str(tmp_path)}
     commands = quickstart_commands()

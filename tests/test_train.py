@@ -1,6 +1,8 @@
 """main.py: fine-tunes, logs, keeps checkpoints, resumes exactly, stops safely, and refuses bad input clearly."""
 import json
 import math
+import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -167,3 +169,49 @@ def test_tensorboard_flag_logs_or_says_how_to_install(tmp_path, capsys):
         assert code == 2 and "--tensorboard needs the tensorboard package: pip install tensorboard" in capsys.readouterr().err
     else:
         assert code == 0 and list((tmp_path / "tensorboard").iterdir())
+
+def test_interrupted_scratch_run_resumed_without_its_flags_equals_one_run(tmp_path, monkeypatch, capsys):
+    """The resume names no model, rate or size: every setting whose default follows the model (a scratch model's
+    learning rate, its resolved warmup, --max_len) comes from the checkpoint, so the run goes on exactly."""
+    from kogpt2.train import Trainer
+
+    args = ("--epoch", 2, "--data_file_path", SAMPLE_CSV)
+    assert run_main(*args, *TINY_TRAINING, "--save_path", tmp_path / "straight") == 0
+
+    step = Trainer._step
+
+    def ctrl_c_at_step_13(self, *step_args):
+        if self.progress.step == 13:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(self, *step_args)
+
+    monkeypatch.setattr(Trainer, "_step", ctrl_c_at_step_13)
+    assert run_main(*args, *TINY_TRAINING, "--save_path", tmp_path / "cut") == 0
+    monkeypatch.undo()
+    assert final_state(tmp_path / "cut")["progress"]["step"] == 14  # really stopped mid-run
+    capsys.readouterr()
+    assert run_main(*args, "--save_path", tmp_path / "cut", "--load_path", tmp_path / "cut") == 0
+    banner = next(line for line in capsys.readouterr().out.splitlines() if "checkpoint's settings" in line)
+    for flag in ("--lr 0.001", "--warmup 1", "--max_len 64", "--batch_size 8", "--seed 1"):
+        assert flag in banner
+
+    want, got = final_state(tmp_path / "straight"), final_state(tmp_path / "cut")
+    assert_same_tensors(want["model_state_dict"], got["model_state_dict"])
+    assert_same_tensors(want["optimizer_state_dict"], got["optimizer_state_dict"])
+    assert want["progress"] == got["progress"] and got["pretrained"] == "scratch:tiny"
+
+
+def test_resume_banner_prints_flags_as_they_are_typed():
+    import main
+    from kogpt2.finetune import take_checkpoint_settings
+
+    args, said = main.parse_args([]), []
+    take_checkpoint_settings(args, {"chat": True, "column": "my text", "lr": 0.001, "max_len": 64}, set(), said.append)
+    flags = said[0].split(": ", 1)[1]
+    assert "--chat" in flags and "True" not in flags
+    again = main.parse_args(shlex.split(flags))  # the banner, pasted back, means the same run
+    assert (again.chat, again.column, again.lr, again.max_len) == (True, "my text", 0.001, 64)
+
+    said.clear()
+    take_checkpoint_settings(main.parse_args(["--chat"]), {"chat": False}, {"chat"}, said.append)
+    assert said[0].startswith("note: new settings --chat (was off)")
