@@ -54,13 +54,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="생성할 때 가중치의 정밀도 (같은 시드라도 bf16과 fp32는 다른 텍스트) / weights' precision for "
                         "generation (bf16 and fp32 give different text for the same seed)")
     p.add_argument("--prompts", default=None,
-                   help="일괄 모드: 텍스트 파일(한 줄에 프롬프트 하나) 또는 CSV (--column 참고) / batch mode: a text file "
-                        "(one prompt a line) or a CSV (see --column)")
+                   help="일괄 모드: 텍스트 파일(한 줄에 프롬프트 하나) 또는 CSV, TSV, .jsonl (--column 참고) / batch "
+                        "mode: a text file (one prompt a line) or a CSV, TSV or .jsonl (see --column)")
     p.add_argument("--column", default=defaults.TEXT_COLUMN,
                    help="--prompts의 CSV 열; 체크포인트에 없으면 --data_file_path의 열도 / CSV column of --prompts; also of "
                         "--data_file_path when the checkpoint names none")
     p.add_argument("--encoding", default=None,
-                   help="--prompts의 인코딩 / encoding of --prompts (default: detect UTF-8, CP949/EUC-KR)")
+                   help="--prompts의 인코딩 / encoding of --prompts (default: detect UTF-16 with BOM, UTF-8, "
+                        "CP949/EUC-KR)")
     p.add_argument("--output", default=None,
                    help="일괄 모드: 샘플을 .csv(BOM 있는 UTF-8) 또는 .jsonl로 저장 / batch mode: write samples to .csv "
                         "(UTF-8 with BOM) or .jsonl")
@@ -73,8 +74,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="--no_copy: 샘플이 학습 행과 겹쳐도 되는 가장 긴 단어 수 / with --no_copy, the longest run of "
                         "words a sample may share with a training row")
     p.add_argument("--data_file_path", default=None,
-                   help="--report/--no_copy에 쓸 학습 CSV / training CSV for --report/--no_copy (default: the one the "
-                        "checkpoint was trained on)")
+                   help="--report/--no_copy에 쓸 학습 데이터 (CSV, .txt, .jsonl) / training data for --report/--no_copy "
+                        "(default: the file the checkpoint was trained on)")
+    p.add_argument("--format", default=None, choices=defaults.DATA_FORMATS,
+                   help="--data_file_path의 형식 / format of --data_file_path (default: as the run read its own file, "
+                        "else by suffix: .csv, .tsv, .txt, .jsonl)")
+    p.add_argument("--txt_unit", default=None, choices=defaults.TXT_UNITS,
+                   help="--data_file_path가 .txt일 때 텍스트 단위: 줄 또는 문단 / a .txt --data_file_path's text: each line "
+                        "or each paragraph (default: as the run read its own file, else auto)")
     p.add_argument("--chat", action="store_true",
                    help="체크포인트가 --chat으로 학습되지 않았어도 대화 (지정하지 않은 샘플링 값은 대화 기본값) / chat (user "
                         "> question, streamed answer) even if the checkpoint was not trained with --chat; "

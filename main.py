@@ -18,7 +18,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="학습할 전체 에폭 수 (이어 학습도 이 에폭까지) / total epochs of the run (a resume continues up to "
                         "this)")
     p.add_argument("--data_file_path", default="data/sample.csv",
-                   help="학습용 CSV (열 score,genre,sent) / training CSV (columns score,genre,sent)")
+                   help="학습 데이터: CSV/TSV (열 score,genre,sent), .txt, .jsonl / training data: a CSV or TSV "
+                        "(columns score,genre,sent), a .txt or a .jsonl (see --format)")
     p.add_argument("--save_path", default=defaults.SAVE_PATH,
                    help="체크포인트와 metrics.jsonl을 쓸 폴더 / folder for checkpoints and metrics.jsonl")
     p.add_argument("--load_path", default=None,
@@ -38,7 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "amount of text)")
     p.add_argument("--dropout", type=number(0, 0.99), default=None,
                    help="파인튜닝 중 드롭아웃 비율 / dropout rate while fine-tuning, in [0, 0.99] (default: the model's)")
-    p.add_argument("--column", default=defaults.TEXT_COLUMN, help="텍스트가 든 CSV 열 / CSV column holding the text")
+    p.add_argument("--column", default=defaults.TEXT_COLUMN,
+                   help=f"텍스트가 든 CSV 열 (.jsonl은 키) / CSV column holding the text (in a .jsonl its key; one "
+                        f"without '{defaults.TEXT_COLUMN}' may use '{defaults.JSONL_TEXT_KEY}')")
     p.add_argument("--chat", action="store_true",
                    help="질문/답변 행으로 챗봇 학습 / train a chatbot on question/answer rows (ChatbotData.csv: "
                         "Q,A,label), KoGPT2-chatbot layout")
@@ -47,7 +50,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--answer_column", default=defaults.ANSWER_COLUMN,
                    help="--chat: 답변 열 / with --chat: the answers' column")
     p.add_argument("--encoding", default=None,
-                   help="CSV 인코딩 / CSV encoding (default: detect UTF-8 with or without BOM, CP949/EUC-KR)")
+                   help="CSV 인코딩 / CSV encoding (default: detect UTF-16 with BOM, UTF-8 with or without BOM, "
+                        "CP949/EUC-KR)")
+    p.add_argument("--format", default=defaults.DATA_FORMAT, choices=defaults.DATA_FORMATS,
+                   help="데이터 파일 형식 (auto: 확장자로) / data file format (auto: by suffix; .txt: one text per line "
+                        "or paragraph, read as a table if its first line has tabs as Excel's text exports; .jsonl: one "
+                        "JSON object per line)")
+    p.add_argument("--txt_unit", default=defaults.TXT_UNIT, choices=defaults.TXT_UNITS,
+                   help=".txt의 텍스트 단위: 줄 또는 빈 줄 사이 문단 / a .txt's text: each line, or each paragraph between "
+                        "blank lines (auto: paragraphs if blank lines separate blocks of several lines)")
     p.add_argument("--no_cache", action="store_true",
                    help="토큰 캐시를 읽지도 쓰지도 않음 / do not read or write the token cache (.NAME.kogpt2cache.npz "
                         "next to the CSV)")

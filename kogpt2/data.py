@@ -1,115 +1,112 @@
-"""CSV -> texts -> token ids, cached next to the CSV (``packing.py`` turns the ids into training blocks)."""
+"""A data file (CSV, TSV, plain text, JSON Lines) -> texts -> token ids, cached next to the file (``packing.py`` turns
+the ids into training blocks)."""
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .defaults import ANSWER_COLUMN, QUESTION_COLUMN, TEXT_COLUMN
+from .defaults import ANSWER_COLUMN, DATA_FORMAT, JSONL_TEXT_KEY, QUESTION_COLUMN, TEXT_COLUMN, TXT_UNIT
 from .errors import KoGPT2Error
+from .formats import NEEDS, csv_table, decode, detect_format, jsonl_table, read_bytes, text_units
 from .tokenizer import Tokenizer
 
-ENCODINGS = ("utf-8-sig", "cp949")  # UTF-8 (with or without BOM), then Korean Excel exports (CP949 covers EUC-KR)
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise KoGPT2Error(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise KoGPT2Error(f"{path} is a folder; give a CSV file") from None
-    except OSError as error:
-        raise KoGPT2Error(f"{path}: cannot read ({error.strerror})") from None
-
-
-def decode(raw: bytes, path: Path, encoding: str | None) -> tuple[str, str]:
-    """The text and the encoding it was in: ``encoding`` if given, else UTF-8 (BOM or not), then CP949/EUC-KR.
-    A binary file is named as such, not as a wrong encoding."""
-    if encoding:
-        try:
-            return raw.decode(encoding), encoding
-        except LookupError:
-            raise KoGPT2Error(f"unknown encoding '{encoding}' (try utf-8 or cp949)") from None
-        except UnicodeDecodeError as error:
-            raise KoGPT2Error(f"{path} is not valid {encoding} (byte {error.start}); try --encoding utf-8 or cp949") from None
-    if b"\x00" in raw or _looks_binary(raw):
-        raise KoGPT2Error(f"{path} is a binary file, not text; give a CSV (or text file) saved as UTF-8 or CP949")
-    for candidate in ENCODINGS:
-        try:
-            return raw.decode(candidate), "utf-8" if candidate == "utf-8-sig" else candidate
-        except UnicodeDecodeError:
-            continue
-    raise KoGPT2Error(f"{path} is neither UTF-8 nor CP949/EUC-KR text; save it as UTF-8 or name its encoding with "
-                      "--encoding")
-
-
-def _looks_binary(raw: bytes) -> bool:
-    """Control bytes other than tab, line breaks and form feed are rare in any text encoding."""
-    sample = raw[:4096]
-    controls = sum(b < 32 and b not in (9, 10, 12, 13) for b in sample)
-    return bool(sample) and controls / len(sample) > 0.05
-
-
-def _separator(text: str, path: Path) -> str:
-    """Tab for a .tsv or a header with tabs and no commas; else comma."""
-    header = text.split("\n", 1)[0]
-    return "\t" if path.suffix.lower() == ".tsv" or ("\t" in header and "," not in header) else ","
+if TYPE_CHECKING:
+    from .checkpoint import CheckpointRecord
 
 
 class CsvFile:
-    """A CSV read, checksummed, decoded and its header checked once, when opened (before minutes go into loading a
-    model); its cells parsed only when asked for."""
+    """A data file read, checksummed, decoded and its header checked once, when opened (before minutes go into loading
+    a model); its cells parsed only when asked for. Every format is a table of text columns: a CSV or TSV its columns,
+    a .jsonl its keys, a .txt one column (``TEXT_COLUMN``) of lines or paragraphs."""
 
-    def __init__(self, path: str | Path, encoding: str | None = None) -> None:
+    def __init__(self, path: str | Path, encoding: str | None = None, data_format: str = DATA_FORMAT,
+                 txt_unit: str = TXT_UNIT) -> None:
         self.path = Path(path)
-        raw = _read_bytes(self.path)
+        raw = read_bytes(self.path)
         self.sha256 = hashlib.sha256(raw).hexdigest()  # recorded in checkpoints
         self.text, self.encoding = decode(raw, self.path, encoding)
         self.requested_encoding = encoding
+        self.format = detect_format(self.path, self.text, data_format)
+        self.read_as_table = data_format == "auto" and self.path.suffix.lower() == ".txt" and self.format == "tsv"
         if not self.text.strip():
-            raise KoGPT2Error(f"{self.path} is empty: it needs a header row and one text per row")
-        self.sep = _separator(self.text, self.path)
-        self.columns = [str(c) for c in self._read(nrows=0).columns]
+            raise KoGPT2Error(f"{self.path} is empty: it needs {NEEDS[self.format]}")
+        self.txt_unit = ""
+        if self.format == "txt":
+            self._units, self.txt_unit = text_units(self.text, txt_unit)
+        self.columns = list(self._read(nrows=0))
 
-    def _read(self, nrows: int | None = None):
-        import pandas as pd
+    @property
+    def layout(self) -> str:
+        """How it was read (the run's data line, the token cache's key): the encoding, then the format if not CSV."""
+        shape = {"csv": "", "tsv": ", tab-separated", "jsonl": ", JSON Lines",
+                 "txt": f", one text per {self.txt_unit}"}[self.format]
+        return self.encoding + shape
 
-        try:
-            return pd.read_csv(io.StringIO(self.text), sep=self.sep, dtype=str, keep_default_na=False,
-                               na_filter=False, nrows=nrows)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as error:
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise KoGPT2Error(f"{self.path} is not a readable CSV: {first}") from None
+    def _read(self, nrows: int | None = None) -> dict[str, list[str | None]]:
+        """Each column's cells (``nrows=0``: the columns alone)."""
+        if self.format == "txt":
+            return {TEXT_COLUMN: self._units[:nrows]}
+        if self.format == "jsonl":
+            return jsonl_table(self.text, self.path, nrows)
+        return csv_table(self.text, self.path, self.format, nrows)
 
     def require(self, column: str, flag: str = "--column", alternatives: tuple[str, ...] = ()) -> str:
-        """``column``, else the first of ``alternatives`` the file has; a missing one is named with what to do."""
-        for name in (column, *alternatives):
+        """``column``, else the first of ``alternatives`` the file has (a .jsonl: else the key ``JSONL_TEXT_KEY`` for
+        the default text column; a .txt: its one column); a missing one is named with what to do."""
+        if self.format == "txt":
+            if flag == "--column":
+                return TEXT_COLUMN
+            raise KoGPT2Error(f"{self.path} is plain text (one text per {self.txt_unit}), not questions and answers; a "
+                              'chatbot learns from a CSV with Q,A columns or a .jsonl of {"Q": ..., "A": ...} lines')
+        jsonl_text = self.format == "jsonl" and column == TEXT_COLUMN and flag == "--column"
+        for name in (column, *alternatives, *((JSONL_TEXT_KEY,) if jsonl_text else ())):
             if name in self.columns:
                 return name
         found = ", ".join(self.columns) or "none"
         hint = f"choose one with {flag}"
         if {QUESTION_COLUMN, ANSWER_COLUMN} <= set(self.columns) and flag == "--column":
-            hint = "this looks like a question/answer CSV: train a chatbot with --chat"
+            hint = f"this looks like a question/answer {'file' if self.format == 'jsonl' else 'CSV'}: train a " \
+                   "chatbot with --chat"
+        elif self.read_as_table:
+            hint += ", or read one text per line with --format txt (its first line has tabs, so it was read as a table)"
+        elif len(self.columns) == 1 and self.format != "jsonl":
+            hint += ", or if it holds one text per line with no header, read it with --format txt"
+        if self.format == "jsonl":
+            asked = f"'{column}'" + (f" or '{JSONL_TEXT_KEY}'" if jsonl_text else "")
+            raise KoGPT2Error(f"{self.path} has no key {asked} on its first line (keys found: {found}); {hint}")
         raise KoGPT2Error(f"{self.path} has no column '{column}' (columns found: {found}); {hint}")
 
     @cached_property
-    def frame(self):
+    def table(self) -> dict[str, list[str | None]]:
         return self._read()
 
     def cells(self, column: str) -> list[str]:
-        return self.frame[self.require(column)].tolist()
+        name = self.require(column)
+        cells = self.table[name]
+        if None in cells:  # a .jsonl line without the key its first line has
+            raise KoGPT2Error(f"{self.path} line {cells.index(None) + 1} has no key '{name}'; every line needs it")
+        return cells
+
+
+def open_like_run(path: str | Path, encoding: str | None, data_format: str | None, txt_unit: str | None,
+                  record: CheckpointRecord | None) -> CsvFile:
+    """``path`` read as ``data_format``/``txt_unit`` say, else as the run of ``record`` read it when it is that run's
+    training or validation file (its --format and --txt_unit need not be given again), else by its suffix."""
+    run = record.args if record is not None and str(path) in (record.data_path, record.args.get("val_file")) else {}
+    return CsvFile(path, encoding, data_format or run.get("format", DATA_FORMAT),
+                   txt_unit or run.get("txt_unit", TXT_UNIT))
 
 
 class CsvColumn:
     """The texts of one column: every non-empty cell exactly as written (line breaks and last characters included),
-    and their token ids, cached next to the CSV."""
+    and their token ids, cached next to the data file."""
 
     def __init__(self, path: str | Path | CsvFile, column: str = TEXT_COLUMN, encoding: str | None = None,
                  alternatives: tuple[str, ...] = ()) -> None:
@@ -134,7 +131,8 @@ class CsvColumn:
         cells = self.file.cells(self.column)
         texts = [cell for cell in cells if cell.strip()]
         if not texts:
-            raise KoGPT2Error(f"{self.path}: column '{self.column}' has no text in any of its {len(cells)} rows")
+            what, rows = ("key", "lines") if self.file.format == "jsonl" else ("column", "rows")
+            raise KoGPT2Error(f"{self.path}: {what} '{self.column}' has no text in any of its {len(cells)} {rows}")
         self._counts = (len(cells), len(cells) - len(texts))
         return texts
 
@@ -156,7 +154,8 @@ class CsvColumn:
         under a key of the file's bytes and the tokenizer, so the next run on the same data skips parsing and
         tokenising (seconds instead of a minute for a million rows); ``cache=False`` neither reads nor writes it."""
         key = hashlib.sha256(b"\0".join([self.sha256.encode(), tokenizer.data, self.column.encode(),
-                                          (self.file.requested_encoding or "auto").encode()])).hexdigest()
+                                          (self.file.requested_encoding or "auto").encode(),
+                                          self.file.layout.encode()])).hexdigest()
         target = cache_path(self.path)
         if cache and target.is_file():
             try:

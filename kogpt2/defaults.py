@@ -11,6 +11,12 @@ PRETRAINED = "skt/kogpt2-base-v2"
 TEXT_COLUMN = "sent"
 QUESTION_COLUMN = "Q"  # ChatbotData.csv's columns
 ANSWER_COLUMN = "A"
+JSONL_TEXT_KEY = "text"  # a .jsonl's text key when --column is left at TEXT_COLUMN
+DATA_FORMATS = ("auto", "csv", "tsv", "txt", "jsonl")  # auto: by the file's suffix (.csv, .tsv, .txt, .jsonl)
+DATA_FORMAT = "auto"
+TXT_UNITS = ("auto", "line", "paragraph")
+TXT_UNIT = "auto"  # paragraphs if blank lines separate blocks of several lines (see below), else lines
+TXT_PARAGRAPH_LINES = 10  # auto: longer blocks on average are lines with stray blank lines between, not paragraphs
 SAVE_PATH = "checkpoint/"
 
 EPOCHS = 5

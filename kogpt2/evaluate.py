@@ -10,7 +10,7 @@ import math
 import sys
 
 from .arguments import Parser, device, integer
-from .defaults import PRETRAINED, TEXT_COLUMN
+from .defaults import DATA_FORMATS, PRETRAINED, TEXT_COLUMN, TXT_UNITS
 from .errors import KoGPT2Error, report_errors
 
 
@@ -22,8 +22,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pretrained", default=PRETRAINED,
                         help="--load_path가 없을 때 평가할 모델 / model to evaluate without --load_path")
     parser.add_argument("--data_file_path", default=None,
-                        help="텍스트 열이 있는 CSV / CSV with the text column (default: the CSV the checkpoint was "
-                             "trained on)")
+                        help="텍스트 열이 있는 CSV, .txt, .jsonl / CSV or TSV with the text column, a .txt or a "
+                             ".jsonl (default: the file the checkpoint was trained on)")
     parser.add_argument("--split", default="all", choices=["all", "val"],
                         help="all: CSV의 모든 행; val: 학습 때 검증용으로 떼어 둔 행만 / all: every row of the CSV; val: "
                              "only the rows the run held out for validation (the "
@@ -32,7 +32,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"텍스트가 든 CSV 열 / CSV column holding the text (default: the checkpoint's, else "
                              f"{TEXT_COLUMN})")
     parser.add_argument("--encoding", default=None,
-                        help="CSV 인코딩 / CSV encoding (default: detect UTF-8, CP949/EUC-KR)")
+                        help="CSV 인코딩 / CSV encoding (default: detect UTF-16 with BOM, UTF-8, CP949/EUC-KR)")
+    parser.add_argument("--format", default=None, choices=DATA_FORMATS,
+                        help="데이터 파일 형식 / data file format (default: as the run read its own file, else by "
+                             "suffix: .csv, .tsv, .txt, .jsonl)")
+    parser.add_argument("--txt_unit", default=None, choices=TXT_UNITS,
+                        help=".txt의 텍스트 단위: 줄 또는 문단 / a .txt's text: each line or each paragraph (default: as "
+                             "the run read its own file, else auto)")
     parser.add_argument("--max_len", type=integer(8), default=None,
                         help="블록 크기 / block size (default: the checkpoint's training one, else 256)")
     parser.add_argument("--batch_size", type=integer(1), default=4,
@@ -61,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def perplexity_of(args: argparse.Namespace) -> tuple[float, int, str]:
-    from .data import CsvFile
+    from .data import open_like_run
     from .defaults import ANSWER_COLUMN, MAX_LEN, QUESTION_COLUMN
     from .loading import open_model
     from .packing import Corpus
@@ -83,7 +89,7 @@ def perplexity_of(args: argparse.Namespace) -> tuple[float, int, str]:
     max_len = args.max_len or recorded.get("max_len") or min(MAX_LEN, model.config.n_positions)
     if max_len > model.config.n_positions:
         raise KoGPT2Error(f"--max_len {max_len} is longer than the model's {model.config.n_positions} positions")
-    csv = CsvFile(path, args.encoding)
+    csv = open_like_run(path, args.encoding, args.format, args.txt_unit, record)
     if args.split == "val" and not recorded.get("val_file") and record.data_sha256 not in (None, csv.sha256):
         raise KoGPT2Error(f"{path} changed since the checkpoint was trained on it: its validation rows are unknown")
     chat = record is not None and record.mode == "chat"  # answers only, as the run's val_ppl

@@ -117,8 +117,9 @@ def _run(args: argparse.Namespace, world: World, device_name: str) -> int:
     say = print if world.is_main else (lambda *a, **k: None)
     keep_freed_memory()
     device = pick_device(device_name)
-    train_csv = CsvFile(args.data_file_path, args.encoding)  # checked before any model is loaded or downloaded
-    val_csv = CsvFile(args.val_file, args.encoding) if args.val_file else None
+    # checked before any model is loaded or downloaded
+    train_csv = CsvFile(args.data_file_path, args.encoding, args.format, args.txt_unit)
+    val_csv = CsvFile(args.val_file, args.encoding, args.format, args.txt_unit) if args.val_file else None
     resume = _start(args, say)
     continuing = resume is not None and resume.record.ours
     run = resume.record.run if continuing else new_run()
@@ -178,7 +179,7 @@ def _run(args: argparse.Namespace, world: World, device_name: str) -> int:
     if resume is not None and resume.record.ours:
         trainer.restore(resume.payload, resume.record.path)
 
-    say(f"data: {plural(corpus.rows_read, 'row')} read ({train_csv.encoding}), {corpus.rows_empty} empty skipped; "
+    say(f"data: {plural(corpus.rows_read, 'row')} read ({train_csv.layout}), {corpus.rows_empty} empty skipped; "
         f"{train_data.rows} for training, {val_data.rows if val_data else 0} for validation; "
         f"{plural(train_data.tokens, 'training token')} in {plural(len(train_data.blocks), 'block')} of {args.max_len}"
         + (f"; {plural(train_data.rows_split, 'row')} longer than {args.max_len} tokens "

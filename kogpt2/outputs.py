@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .defaults import SamplingSettings
+from .defaults import DATA_FORMAT, SamplingSettings
 from .errors import KoGPT2Error
 
 OUTPUT_SUFFIXES = (".csv", ".jsonl")
@@ -25,19 +25,12 @@ class Sample:
 
 
 def read_prompts(path: str, column: str, encoding: str | None = None) -> list[str]:
-    """One prompt a line (UTF-8, or CP949/EUC-KR as for CSVs), or a CSV's column."""
-    from .data import CsvColumn, decode
+    """A CSV's or TSV's column, a .jsonl's key, else one prompt a line; in any encoding the training data may have."""
+    from .data import CsvColumn, CsvFile
+    from .formats import SUFFIX_FORMATS
 
-    if path.lower().endswith((".csv", ".tsv")):
-        return CsvColumn(path, column, encoding).texts
-    try:
-        raw = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise KoGPT2Error(f"--prompts {path}: no such file") from None
-    except OSError as error:
-        raise KoGPT2Error(f"--prompts {path}: cannot read ({error.strerror})") from None
-    text, _ = decode(raw, Path(path), encoding)
-    return [line for line in text.splitlines() if line.strip()]
+    table = SUFFIX_FORMATS.get(Path(path).suffix.lower()) in ("csv", "tsv", "jsonl")
+    return CsvColumn(CsvFile(path, encoding, DATA_FORMAT if table else "txt", "line"), column).texts
 
 
 def check_output_path(path: str) -> None:

@@ -146,8 +146,8 @@ def run(args: argparse.Namespace) -> int:
         run_chat(args, opened.model, opened.tokenizer, settings_from(args, CHAT_SAMPLING))
         return 0
     settings = settings_from(args, SAMPLING)
-    training = training_text_for(opened.record, args.data_file_path, args.column, opened.tokenizer) \
-        if args.report or args.no_copy else None
+    training = training_text_for(opened.record, args.data_file_path, args.column, opened.tokenizer, args.format,
+                                 args.txt_unit) if args.report or args.no_copy else None
     loop = PromptLoop(TextSampler(opened.model, opened.tokenizer), settings, args.seed, args.num_samples,
                       accept=copy_check(training, args.copy_words) if args.no_copy else None)
     produced = (_batch if args.prompts else _conversation)(args, loop, opened.source)

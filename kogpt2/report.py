@@ -66,10 +66,11 @@ class TrainingText:
 
 
 def training_text_for(record: CheckpointRecord | None, data_file_path: str | None, column: str,
-                      tokenizer: Tokenizer) -> TrainingText:
-    """``--data_file_path``, else the CSV the checkpoint was trained on (refused if it changed since). The text column
-    is the one the checkpoint was trained on, else ``column``."""
-    from .data import CsvColumn
+                      tokenizer: Tokenizer, data_format: str | None = None, txt_unit: str | None = None) -> TrainingText:
+    """``--data_file_path``, else the file the checkpoint was trained on (refused if it changed since), read as the
+    run read it unless ``data_format``/``txt_unit`` say otherwise. The text column is the one the checkpoint was
+    trained on, else ``column``."""
+    from .data import CsvColumn, open_like_run
 
     recorded_path = record.data_path if record else None
     path = data_file_path or recorded_path
@@ -79,7 +80,7 @@ def training_text_for(record: CheckpointRecord | None, data_file_path: str | Non
         hint = "" if data_file_path else " (the checkpoint's training CSV, relative to where main.py ran)"
         raise KoGPT2Error(f"{path}: no such file{hint}; give the training CSV with --data_file_path")
     columns = [c for c in (record.column if record else None, column) if c]
-    csv = CsvColumn(path, columns[0], alternatives=columns[1:])
+    csv = CsvColumn(open_like_run(path, None, data_format, txt_unit, record), columns[0], alternatives=columns[1:])
     if not data_file_path and record.data_sha256 and record.data_sha256 != csv.sha256:
         raise KoGPT2Error(f"{path} changed since the checkpoint was trained on it; give --data_file_path explicitly")
     return TrainingText(csv.texts, tokenizer)
