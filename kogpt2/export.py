@@ -52,7 +52,7 @@ def export_hf_folder(payload: dict, target: Path, half: bool) -> None:
     os.umask(umask)
     weights.chmod(0o666 & ~umask)  # safetensors writes it private; it is an ordinary file like the others
     chat = payload.get("mode") == "chat"
-    (target / "tokenizer.json").write_bytes(tokenizer_json(tokenizer, with_start=not chat))
+    (target / "tokenizer.json").write_bytes(tokenizer_json(tokenizer, text_model=not chat))
     names = {name: tokenizer.id_to_piece(i) for name, i in
              (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id), ("pad_token", tokenizer.pad_id),
               ("unk_token", tokenizer.unk_id))}
@@ -69,19 +69,37 @@ def export_hf_folder(payload: dict, target: Path, half: bool) -> None:
     (target / "README.md").write_text(model_card(payload, tokenizer), encoding="utf-8")
 
 
-def tokenizer_json(tokenizer, with_start: bool) -> bytes:
-    """The tokenizer as tokenizer.json; ``with_start``: it adds the start token before every text, as generator.py
-    and training do."""
+def tokenizer_json(tokenizer, text_model: bool) -> bytes:
+    """The tokenizer as tokenizer.json. For a text model (one that continues a prompt) it adds the start token before
+    every text, as generator.py and training do, and decodes new tokens with the space before their first word:
+    transformers' text-generation pipeline decodes only the new tokens and appends them to the prompt, so a dropped
+    space would glue the two ("카페에서친구를"). A chat model's answer is decoded as it was, from its first word."""
     from tokenizers import Tokenizer, processors
 
     data = tokenizer.data if isinstance(tokenizer, HFTokenizer) else sentencepiece_as_tokenizer_json(tokenizer.data)
-    if not with_start:
+    if not text_model:
         return data
-    hf = Tokenizer.from_str(data.decode("utf-8"))
+    spec = json.loads(data)
+    spec["decoder"] = keeping_the_first_space(spec["decoder"])
+    hf = Tokenizer.from_str(json.dumps(spec, ensure_ascii=False))
     start = tokenizer.id_to_piece(tokenizer.bos_id)
     hf.post_processor = processors.TemplateProcessing(single=f"{start} $A", pair=f"{start} $A $B",
                                                       special_tokens=[(start, tokenizer.bos_id)])
     return hf.to_str().encode("utf-8")
+
+
+def keeping_the_first_space(decoder: dict | None) -> dict | None:
+    """``decoder`` (tokenizer.json's) without the step that drops the space before a decoded text's first word:
+    Metaspace's prefix scheme, or the Strip that ends our SentencePiece conversion. A whole text then decodes with
+    one space before it; new tokens decode with theirs."""
+    if decoder is None:
+        return None
+    if decoder["type"] == "Metaspace":
+        return {**{k: v for k, v in decoder.items() if k != "add_prefix_space"}, "prepend_scheme": "never"}
+    if decoder["type"] == "Sequence":
+        return {**decoder, "decoders": [keeping_the_first_space(step) for step in decoder["decoders"]
+                                        if step["type"] != "Strip" or not step["start"]]}
+    return decoder
 
 
 def model_card(payload: dict, tokenizer) -> str:
@@ -110,11 +128,9 @@ pipeline_tag: text-generation
 - 만든 도구 / made with: kogpt2-finetune (`python -m kogpt2.export`)
 
 ```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-tok = AutoTokenizer.from_pretrained("THIS_FOLDER")
-model = AutoModelForCausalLM.from_pretrained("THIS_FOLDER")
-ids = tok("오늘 아침에", return_tensors="pt").input_ids  # the start token is added, as in training
-print(tok.decode(model.generate(ids)[0], skip_special_tokens=True))
+from transformers import pipeline
+generate = pipeline("text-generation", model="THIS_FOLDER")
+print(generate("오늘 아침에", add_special_tokens=True)[0]["generated_text"])  # with the start token, as in training
 ```
 """
 

@@ -13,16 +13,34 @@ from kogpt2.loading import model_from_checkpoint
 
 
 def greedy_like_the_generator(folder, model, tokenizer, hf_model, hf_tokenizer):
-    """Plain transformers use of the folder (no extra arguments) gives generator.py's greedy text."""
+    """Plain transformers use of the folder (no extra arguments) gives generator.py's greedy text: generate, and the
+    text-generation pipeline (which decodes only the new tokens and appends them to the prompt)."""
+    from transformers import pipeline
+
     from kogpt2.defaults import SamplingSettings
     from kogpt2.generate import TextSampler
 
     sampler = TextSampler(model, tokenizer)
+    generate = pipeline("text-generation", model=hf_model, tokenizer=hf_tokenizer)
     for prompt in ("오늘 아침에는", "우리 동네", "그", "비 오는 날이면 옛날"):
         ours = sampler.complete(sampler.prompt_ids(prompt), SamplingSettings(temperature=0, text_size=20), seed=0)[0]
         inputs = hf_tokenizer(prompt, return_tensors="pt")
         out = hf_model.generate(**inputs, do_sample=False, max_new_tokens=20)
-        assert hf_tokenizer.decode(out[0], skip_special_tokens=True) == prompt + ours, prompt
+        assert hf_tokenizer.decode(out[0, inputs.input_ids.shape[1]:], skip_special_tokens=True) == ours, prompt
+        piped = generate(prompt, add_special_tokens=True, do_sample=False, max_new_tokens=20)
+        assert piped[0]["generated_text"] == prompt + ours, prompt
+    continuation_keeps_its_space(tokenizer, hf_tokenizer)
+
+
+def continuation_keeps_its_space(tokenizer, hf_tokenizer):
+    """New tokens decoded alone (a pipeline's return_full_text=False, a streamer) keep the space before their first
+    word, and decode to our decoder's text; the ids are ours."""
+    prompt, text = "오늘 아침에는", "오늘 아침에는 창문을 열었다."
+    ids = tokenizer.encode(text)
+    assert hf_tokenizer.encode(text, add_special_tokens=False) == ids
+    new = ids[len(tokenizer.encode(prompt)):]
+    assert hf_tokenizer.decode(new, skip_special_tokens=True) == " 창문을 열었다."
+    assert prompt + hf_tokenizer.decode(new, skip_special_tokens=True) == tokenizer.decode(ids) == text
 
 
 def trained_and_exported(release_folder, tmp_path):
@@ -61,6 +79,14 @@ def test_v2_export_loads_in_transformers_with_the_same_logits_and_ids(v2_release
     os.umask(umask)
     for file in (tmp_path / "hf").iterdir():
         assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~umask, file.name
+
+
+def test_a_scratch_export_decodes_new_tokens_with_their_space(trained, tmp_path):
+    from transformers import AutoTokenizer
+
+    assert export_main([str(trained), str(tmp_path / "hf")]) == 0
+    _, tokenizer = model_from_checkpoint(load_checkpoint(trained / "KoGPT2_best.tar"), trained / "KoGPT2_best.tar")
+    continuation_keeps_its_space(tokenizer, AutoTokenizer.from_pretrained(tmp_path / "hf"))
 
 
 def test_half_generation_file_is_small_and_generates(trained, tmp_path, capsys):
