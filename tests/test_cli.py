@@ -176,7 +176,7 @@ def test_resume_takes_the_checkpoints_settings_and_says_so(tmp_path, capsys):
     capsys.readouterr()
     assert run_main("--epoch", 2, *args, "--load_path", tmp_path) == 0
     out = capsys.readouterr().out
-    assert "resuming with the checkpoint's settings: --max_len 64 --batch_size 8 --seed 1" in out
+    assert "resuming with the checkpoint's settings: --max_len 64 --batch_size 8 --lr 0.001 --warmup 1 --seed 1" in out
     assert "blocks of 64" in out and "(batch 8 x" in out and "the training data differ" not in out
     assert run_main("--epoch", 3, *args, "--load_path", tmp_path, "--batch_size", 4) == 0
     assert "new settings --batch_size 4 (was 8)" in capsys.readouterr().out
