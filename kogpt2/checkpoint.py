@@ -7,10 +7,10 @@ Keys (docs/ARCHITECTURE.md lists them with their types): ``model_state_dict``, `
 and ``run`` are ours."""
 from __future__ import annotations
 
-import errno
 import os
 import pickle
 import re
+import shutil
 import tempfile
 import uuid
 import zipfile
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import KoGPT2Error
+from .errors import KeptWriteErrors, KoGPT2Error, write_error, writing
 from .tokenizer import Tokenizer, tokenizer_from_bytes
 
 FORMAT_VERSION = 1
@@ -36,26 +36,30 @@ def tokenizer_record(tokenizer: Tokenizer) -> dict:
     return {"kind": tokenizer.kind, "data": torch.frombuffer(bytearray(tokenizer.data), dtype=torch.uint8)}
 
 
-def save_checkpoint(path: Path, payload: dict) -> None:
+def save_checkpoint(path: Path, payload: dict, then: str = "run it again") -> None:
     """Write to a temporary file in the same folder, fsync, then rename over ``path``: a crash or a full disk at
-    any moment leaves either the old file or the new one, never a torn one."""
+    any moment leaves either the old file or the new one, never a torn one. A failed write is one line that ends
+    with ``then``: how to go on once the disk has room."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = writer = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it private; a checkpoint is an ordinary file
         with os.fdopen(fd, "wb") as file:
-            torch.save(payload, file)
+            writer = KeptWriteErrors(file)
+            torch.save(payload, writer)
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
     except BaseException as error:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            why = "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
-            raise KoGPT2Error(f"could not write checkpoint {path}: {why}; the previous checkpoints are intact") from None
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        failed = writer.error if writer and writer.error else error if isinstance(error, OSError) else None
+        if failed is not None:
+            raise write_error(path, failed, then, "checkpoint") from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -64,17 +68,26 @@ def save_checkpoint(path: Path, payload: dict) -> None:
         os.close(dir_fd)
 
 
-def link_checkpoint(source: Path, target: Path) -> None:
+def resume_hint(last: Path | None, save_path: Path) -> str:
+    """How to go on after a run stopped at a failed write (a full disk): from its last checkpoint on disk."""
+    return f"resume with --load_path {last}" if last else \
+        f"start over with --load_path {save_path} (no checkpoint was written yet)"
+
+
+def link_checkpoint(source: Path, target: Path, then: str = "run it again") -> None:
     """Make ``target`` a second name of ``source`` (atomically; checkpoints are only ever replaced, never edited)."""
     tmp = target.with_name(f".{target.name}.link")
     tmp.unlink(missing_ok=True)
-    try:
-        os.link(source, tmp)
-    except OSError:  # a filesystem without hard links: copy instead
-        import shutil
-
-        shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+    with writing(target, then, "checkpoint"):
+        try:
+            os.link(source, tmp)
+        except OSError:  # a filesystem without hard links: copy instead, leaving no partial copy
+            try:
+                shutil.copyfile(source, tmp)
+            except OSError:
+                tmp.unlink(missing_ok=True)
+                raise
+        os.replace(tmp, target)
 
 
 PICKLE_START = b"\x80"  # the pre-1.6 torch format is a bare pickle: protocol 2+ starts with 0x80

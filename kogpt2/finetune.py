@@ -3,7 +3,9 @@ train."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -45,6 +47,27 @@ def run(args: argparse.Namespace) -> int:
         raise
     finally:
         leave(world)
+
+
+def check_save_path(save_path: str) -> None:
+    """Before any work: a --save_path that is a file (a CSV, a .tar) or a folder that cannot be made or written to
+    would otherwise fail at the first checkpoint, after the training it was to keep."""
+    folder = Path(save_path)
+    if folder.exists() and not folder.is_dir():
+        tar = f"; to continue from this checkpoint, use --load_path {save_path}" if folder.suffix == ".tar" else ""
+        raise KoGPT2Error(f"--save_path {save_path} is a file, not a folder: give the folder for the checkpoints and "
+                          f"metrics (e.g. --save_path checkpoint/){tar}")
+    made = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first; removed again below
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise KoGPT2Error(f"--save_path {save_path}: cannot write there ({error.strerror}); give a folder you can "
+                          "write to") from None
+    finally:
+        for path in made:  # a run that stops before training leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                path.rmdir()
 
 
 def _start(args: argparse.Namespace, say) -> OpenedModel | None:
@@ -121,6 +144,7 @@ def _run(args: argparse.Namespace, world: World, device_name: str) -> int:
     train_csv = CsvFile(args.data_file_path, args.encoding, args.format, args.txt_unit)
     val_csv = CsvFile(args.val_file, args.encoding, args.format, args.txt_unit) if args.val_file else None
     resume = _start(args, say)
+    check_save_path(args.save_path)
     continuing = resume is not None and resume.record.ours
     run = resume.record.run if continuing else new_run()
     refuse_another_run(args.save_path, run, args.load_path)

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from .arguments import Parser
-from .errors import KoGPT2Error, report_errors
+from .errors import KoGPT2Error, report_errors, write_error
 
 KOREAN_FONTS = ("NanumGothic", "NanumBarunGothic", "Noto Sans CJK KR", "Noto Sans KR", "Malgun Gothic", "AppleGothic",
                 "UnDotum", "Baekmuk Gulim")
@@ -90,8 +90,13 @@ def plot_metrics(folder: str | Path) -> Path:
     loss_axis.grid(alpha=0.3)
     target = folder / "loss.png"
     figure.tight_layout()
-    figure.savefig(target)
-    plt.close(figure)
+    try:
+        figure.savefig(target)
+    except OSError as error:
+        target.unlink(missing_ok=True)  # no half-written picture left behind
+        raise write_error(target, error, f"draw it with: python -m kogpt2.plot {folder}") from None
+    finally:
+        plt.close(figure)
     return target
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (BEST_NAME, checkpoint_name, link_checkpoint, remove_stale_temporaries, rotate,
+from .checkpoint import (BEST_NAME, checkpoint_name, link_checkpoint, remove_stale_temporaries, resume_hint, rotate,
                          save_checkpoint, training_payload)
 from .defaults import BATCH_SIZE, FINETUNE_LR, TRAINING_SAMPLE_PHRASE
 from .distributed import World
@@ -95,7 +95,8 @@ class Trainer:
         self.last_path: Path | None = None
         self.resumed_from: Path | None = None
         self.val_ppl: float | None = None
-        self.metrics = MetricsLog(self.save_path, settings.tensorboard) if world.is_main else None
+        self.go_on = lambda: resume_hint(self.last_path or self.resumed_from, self.save_path)  # after a failed write
+        self.metrics = MetricsLog(self.save_path, settings.tensorboard, self.go_on) if world.is_main else None
         if self.save_path.is_dir() and world.is_main:
             remove_stale_temporaries(self.save_path)
 
@@ -142,11 +143,11 @@ class Trainer:
             self.last_saved_step = self.progress.step
             return path
         if self.last_saved_step != self.progress.step:
-            save_checkpoint(path, self.state(rng_per_rank))
+            save_checkpoint(path, self.state(rng_per_rank), self.go_on())
             self.last_saved_step = self.progress.step
             rotate(self.save_path, self.settings.keep_last, self.source["run"], self.progress.step)
         if best:
-            link_checkpoint(path, self.save_path / BEST_NAME)
+            link_checkpoint(path, self.save_path / BEST_NAME, self.go_on())
         return path
 
     # ---- metrics -------------------------------------------------------------------------------------------------
@@ -175,9 +176,7 @@ class Trainer:
                             self.settings.seed)
         self.model.train(was_training)
         if self.settings.samples_dir:
-            folder = Path(self.settings.samples_dir)
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"sample_step{self.progress.step}.txt").write_text(text + "\n", encoding="utf-8")
+            self.metrics.write_sample(self.settings.samples_dir, self.progress.step, text)
         return text
 
     # ---- the loop ------------------------------------------------------------------------------------------------

@@ -2,21 +2,25 @@
 import csv
 import errno
 import io
+import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import REPO, SAMPLE_CSV, TINY_TRAINING, run_generator, run_main, slowed_main, tiny_hf_model
-from kogpt2.checkpoint import load_checkpoint
+from conftest import (REPO, SAMPLE_CSV, TINY_TRAINING, TRAINED_EPOCHS, run_generator, run_main, slowed_main,
+                      tiny_hf_model)
+from kogpt2.checkpoint import load_checkpoint, read_record
 from kogpt2.data import CsvColumn
 from kogpt2.errors import KoGPT2Error
 
@@ -115,11 +119,52 @@ def test_disk_full_stops_clearly_and_keeps_the_previous_checkpoint(tmp_path, mon
     monkeypatch.setattr(torch, "save", filling_disk)
     assert run_main("--epoch", 2, "--save_path", tmp_path, *TINY_TRAINING, "--save_every", 3) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
-    assert err == f"error: could not write checkpoint {tmp_path / 'KoGPT2_checkpoint_6.tar'}: the disk is full; " \
-                  "the previous checkpoints are intact"
+    free = re.escape(f" MB free in {tmp_path}); free space, then resume with --load_path ")
+    assert re.fullmatch(re.escape(f"error: could not write checkpoint {tmp_path / 'KoGPT2_checkpoint_6.tar'}: the "
+                                  "disk is full (") + r"\d+(\.\d)?" + free
+                        + re.escape(str(tmp_path / "KoGPT2_checkpoint_3.tar")), err), err
     monkeypatch.setattr(torch, "save", real_save)
     assert load_checkpoint(tmp_path / "KoGPT2_checkpoint_3.tar")["progress"]["step"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["KoGPT2_checkpoint_3.tar", "metrics.jsonl"]
+
+
+@contextmanager
+def file_size_limit(limit: int):
+    """The kernel refuses to grow any file of this process past ``limit`` bytes (EFBIG, Python ignores SIGXFSZ), as
+    a full disk refuses with ENOSPC: a real failed write, from deep inside torch's zip writer too."""
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+@pytest.mark.parametrize("limit, save_every", [(100_000, 1), (150, 1000)], ids=["checkpoint", "metrics"])
+def test_a_write_refused_mid_run_is_one_line_and_loses_nothing(trained, tmp_path, capsys, limit, save_every):
+    """torch's zip writer reports a refused write only as "unexpected pos": the run must still say which file, why
+    and where to resume, leave no temporary file or half a metrics line, and keep the checkpoint it resumed from.
+    150 bytes hold one metrics line and part of the next."""
+    last = tmp_path / newest_checkpoint(trained).name
+    shutil.copy(trained / last.name, last)
+    step = int(last.stem.rsplit("_", 1)[1])
+    capsys.readouterr()
+    with file_size_limit(limit):
+        code = run_main("--epoch", TRAINED_EPOCHS + 1, "--data_file_path", SAMPLE_CSV, "--save_path", tmp_path,
+                        "--load_path", tmp_path, "--save_every", save_every, *TINY_TRAINING)
+    err = capsys.readouterr().err
+    failing = f"checkpoint {tmp_path / f'KoGPT2_checkpoint_{step + 1}.tar'}" if save_every == 1 else \
+        tmp_path / "metrics.jsonl"
+    assert code == 2 and "Traceback" not in err and err.count("error:") == 1
+    assert err.strip().splitlines()[-1] == (
+        f"error: could not write {failing}: the file is larger than this system allows (the file size limit, "
+        "ulimit -f, or a FAT32 disk's 4 GB); raise the limit or write to another disk, then resume with "
+        f"--load_path {last}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [last.name, "metrics.jsonl"]  # no temporary file
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [step + 1]  # whole lines only
+    assert load_checkpoint(last)["progress"]["step"] == step
 
 
 # ---- 4. hostile files -----------------------------------------------------------------------------------------
@@ -296,3 +341,99 @@ def test_generator_survives_hostile_input(trained):
     assert result.returncode == 0, result.stderr.decode(errors="replace")
     assert b"Traceback" not in result.stderr
     assert b"\xef\xbf\xbd broken utf-8" in result.stdout  # the prompt, with its bad bytes replaced, is echoed
+
+
+# ---- 9. output whose reader has gone ------------------------------------------------------------------------------
+# `python main.py ... 2>&1 | tee log`, then Ctrl-C: tee dies too, and every later print meets a closed pipe.
+
+def start_with_closed_output(*argv) -> subprocess.Popen:
+    """A real process whose stdout and stderr are pipes nobody reads any more (their reading ends closed)."""
+    process = subprocess.Popen([sys.executable, *map(str, argv)], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    process.stdout.close()
+    process.stderr.close()
+    return process
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_a_closed_pipe_still_saves_the_step_reached(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    process = subprocess.Popen([sys.executable, "-c", slowed_main(0.03), "--epoch", "50", "--data_file_path",
+                                str(SAMPLE_CSV), *TINY_TRAINING, "--save_path", str(tmp_path), "--save_every", "1000"],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not metrics.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.stdout.close()
+    process.stderr.close()
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 0  # as a Ctrl-C that saved
+    reached = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    saved = list(tmp_path.glob("KoGPT2_checkpoint_*.tar"))
+    assert [path.name for path in saved] == [f"KoGPT2_checkpoint_{reached}.tar"]
+    assert read_record(load_checkpoint(saved[0]), saved[0]).resumable
+
+
+def test_generator_output_file_is_complete_and_exit_0_under_a_closed_pipe(trained, tmp_path):
+    prompts, output = tmp_path / "prompts.txt", tmp_path / "out.jsonl"
+    prompts.write_text("오늘\n우리는\n", encoding="utf-8")
+    process = start_with_closed_output("generator.py", "--load_path", trained / "KoGPT2_best.tar", "--prompts",
+                                       prompts, "--output", output, "--text_size", 5, "--seed", 1)
+    assert process.wait(timeout=120) == 0
+    rows = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
+    assert [row["prompt"] for row in rows] == ["오늘", "우리는"]
+
+
+@contextmanager
+def closed_output():
+    """This process's stdout and stderr as line-buffered pipes (``python -u``) whose reader has gone; set within the
+    test itself, as pytest puts its own capture back at each phase."""
+    saved, streams = (sys.stdout, sys.stderr), []
+    for _ in saved:
+        read, write = os.pipe()
+        os.close(read)
+        streams.append(open(write, "w", encoding="utf-8", buffering=1))
+    sys.stdout, sys.stderr = streams
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
+        for stream in streams:
+            try:
+                stream.close()
+            except BrokenPipeError:  # its text had nowhere to go (only without the fix)
+                pass
+
+
+def test_streamed_samples_are_still_saved_under_a_closed_pipe(trained, tmp_path):
+    folder = tmp_path / "samples"
+    with closed_output():
+        code = run_generator("--load_path", trained / "KoGPT2_best.tar", "--samples", folder, "--seed", 4,
+                             "--text_size", 5, stdin="하나\n둘\n")
+    assert code == 0 and len(list(folder.iterdir())) == 2
+
+
+def test_server_serves_under_a_closed_pipe(trained):
+    pytest.importorskip("fastapi", reason="the server's packages are absent: pip install -r requirements-serve.txt")
+    import http.client
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = start_with_closed_output("generator.py", "--load_path", trained / "KoGPT2_best.tar", "--serve",
+                                       "--port", port)
+    try:
+        deadline, status = time.monotonic() + 120, None
+        while status is None and process.poll() is None and time.monotonic() < deadline:
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                connection.request("POST", "/v1/completions", json.dumps({"prompt": "오늘", "max_tokens": 3}),
+                                   {"Content-Type": "application/json"})
+                status = connection.getresponse().status
+            except OSError:
+                time.sleep(0.1)
+        assert status == 200, f"the server exited with {process.poll()}"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

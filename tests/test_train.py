@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,6 +116,29 @@ def test_offline_pretrained_fails_fast_through_the_cli(tmp_path):
     assert time.monotonic() - start < 20
     assert result.returncode == 2
     assert result.stderr.startswith("error: cannot get skt/kogpt2-base-v2") and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("where, message", [
+    ("data.csv", " is a file, not a folder: give the folder for the checkpoints and metrics (e.g. --save_path "
+                 "checkpoint/)"),
+    ("KoGPT2_checkpoint_10.tar", " is a file, not a folder: give the folder for the checkpoints and metrics (e.g. "
+                                 "--save_path checkpoint/); to continue from this checkpoint, use --load_path {path}"),
+    ("data.csv/run", ": cannot write there (Not a directory); give a folder you can write to"),
+    ("unwritable", ": cannot write there ({reason}); give a folder you can write to"),
+], ids=["csv", "tar", "under-a-file", "unwritable"])
+def test_save_path_that_cannot_hold_checkpoints_is_refused_before_any_work(tmp_path, capsys, where, message):
+    (tmp_path / "data.csv").write_bytes(SAMPLE_CSV.read_bytes())
+    (tmp_path / "KoGPT2_checkpoint_10.tar").write_bytes(b"a checkpoint")
+    path, reason = tmp_path / where, None
+    if where == "unwritable":  # root may write anywhere but in the kernel's /sys
+        path = Path("/sys/kogpt2-test") if os.geteuid() == 0 else tmp_path / "locked" / "run"
+        (tmp_path / "locked").mkdir(mode=0o500)
+        reason = "Operation not permitted" if os.geteuid() == 0 else "Permission denied"
+    assert run_main("--epoch", 1, "--data_file_path", SAMPLE_CSV, "--save_path", path, *TINY_TRAINING) == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # refused before any model was made or loaded
+    assert err == f"error: --save_path {path}{message.format(path=path, reason=reason)}\n"
+    assert (tmp_path / "data.csv").read_bytes() == SAMPLE_CSV.read_bytes()
 
 
 def test_max_len_beyond_positions_is_refused(tmp_path, capsys):
