@@ -156,7 +156,9 @@ def test_a_chat_run_resumes_in_chat_mode(chatbot, tmp_path, capsys):
     capsys.readouterr()
     assert run_main("--epoch", 61, "--save_path", run, "--data_file_path", CHAT_CSV, "--load_path", run) == 0
     out = capsys.readouterr().out
-    assert "--chat True" in out and "resuming from" in out and "오늘 뭐 하고 놀까? ->" in out
+    banner = next(line for line in out.splitlines() if "checkpoint's settings" in line)
+    assert "--chat" in banner.split() and "True" not in banner  # as typed on a command line
+    assert "resuming from" in out and "오늘 뭐 하고 놀까? ->" in out
 
 
 def test_validation_perplexity_is_over_answers_only(chatbot, capsys):
