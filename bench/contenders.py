@@ -191,7 +191,7 @@ def gen_ours(dtype: str = "fp32", num_samples: int = 1) -> dict:
     import torch
 
     from kogpt2.defaults import SamplingSettings
-    from kogpt2.generate import TextStream, generate_ids, never_generated
+    from kogpt2.generate import TextStream, TokenList, generate_ids, never_generated
     from kogpt2.loading import DTYPES
 
     tok = tokenizer()
@@ -199,15 +199,13 @@ def gen_ours(dtype: str = "fp32", num_samples: int = 1) -> dict:
     prompt = [tok.bos_id] + tok.encode(PROMPT)
     settings = SamplingSettings(temperature=1.0, top_k=40, top_p=0.9, text_size=NEW_TOKENS)
     for warm in (True, False):
-        streams = [TextStream(tok, prompt) for _ in range(num_samples)]
+        samples, streams = [TokenList() for _ in range(num_samples)], [TextStream(tok, prompt) for _ in range(num_samples)]
         start = time.perf_counter()
         produced = 0
-        steps = generate_ids(model, prompt, settings if not warm else SamplingSettings(text_size=5), -1, num_samples,
-                             torch.Generator().manual_seed(0), never_generated(tok))
-        for step in steps:
-            for token, stream in zip(step, streams):
-                stream.push(token)
-                produced += 1
+        for index in generate_ids(model, prompt, settings if not warm else SamplingSettings(text_size=5), samples,
+                                  torch.Generator().manual_seed(0), never_generated(tok)):
+            streams[index].push(samples[index].ids[-1])
+            produced += 1
     return {"tokens_per_s": produced / (time.perf_counter() - start), "peak_rss_gib": peak_rss_gib()}
 
 

@@ -115,7 +115,7 @@ def decode(kind: str, batch: int, smoke: bool, static_compile: bool = False) -> 
     import torch
 
     from kogpt2.defaults import SamplingSettings
-    from kogpt2.generate import generate_ids
+    from kogpt2.generate import TokenList, generate_ids
     from kogpt2.model import GPT
 
     config, _ = sizes(smoke)
@@ -141,12 +141,12 @@ def decode(kind: str, batch: int, smoke: bool, static_compile: bool = False) -> 
         model = GPT(config).to(device, torch.bfloat16).eval()
         settings = SamplingSettings(temperature=1.0, top_k=40, top_p=0.9, text_size=new_tokens)
         run = lambda size: list(generate_ids(  # noqa: E731
-            model, prompt, SamplingSettings(text_size=size) if size != new_tokens else settings, -1, batch,
-            torch.Generator(device=device).manual_seed(0), [0, 3, 5], static=True))
+            model, prompt, SamplingSettings(text_size=size) if size != new_tokens else settings,
+            [TokenList() for _ in range(batch)], torch.Generator(device=device).manual_seed(0), [0, 3, 5], static=True))
         run(8)
         sync()
         start = time.perf_counter()
-        produced = len(run(new_tokens)) * batch
+        produced = len(run(new_tokens))
         sync()
     return {"tokens_per_s": produced / (time.perf_counter() - start)}
 

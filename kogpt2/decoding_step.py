@@ -2,12 +2,13 @@
 on CUDA a fixed-shape step captured once as a CUDA graph. Both give the logits of the plain forward."""
 from __future__ import annotations
 
+import weakref
 from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
-from .kv_cache import KVCache, StaticKVCache
+from .kv_cache import KVCache
 from .model import GPT
 
 
@@ -37,14 +38,19 @@ class _LinearOnOneDNN(torch.overrides.TorchFunctionMode):
         return out.view(*x.shape[:-1], weight.shape[0])
 
 
+def last_logits(model: GPT, tokens: torch.Tensor, input_pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Logits [batch, vocab] after ``tokens`` [batch, time] written at cache slots ``input_pos`` [time]: only the last
+    position's, so a long prompt costs no [prompt, vocab] logits."""
+    return model.lm_head(model.hidden_states(tokens, input_pos, cache)[:, -1])
+
+
 class DecodingStep:
-    """Runs the model for new tokens and returns the last position's logits, on the CPU kernels that are fastest
-    for decoding (measured on the project machines, bench/README.md):
+    """``last_logits`` on the CPU kernels that are fastest for decoding (measured on the project machines,
+    bench/README.md):
 
     - fp32: every linear layer and the head on oneDNN's matmul: whole steps 1.45x faster than through ATen's MKL
       calls for one sample, 1.6x for eight (AMD EPYC);
     - bf16/fp16: ATen's own kernels for one sample (through oneDNN a step is 1.6x slower), oneDNN for batches.
-    Only the last position's logits are computed, so a long prompt costs no [prompt, vocab] logits.
     """
 
     def __init__(self, model: GPT, batch: int) -> None:
@@ -54,9 +60,9 @@ class DecodingStep:
         self.fp32_onednn = cpu and weight.dtype == torch.float32 and ONEDNN_LINEAR is not None
         self.aten_only = cpu and batch == 1 and weight.dtype != torch.float32
 
-    def __call__(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         with self._kernels():
-            return self.model.lm_head(self.model.hidden_states(tokens, cache=cache)[:, -1])
+            return last_logits(self.model, tokens, input_pos, cache)
 
     def _kernels(self):
         if self.fp32_onednn:
@@ -67,32 +73,37 @@ class DecodingStep:
 
 
 class GraphStep:
-    """One fixed-shape decoding step on a ``StaticKVCache``; on CUDA captured once as a CUDA graph and replayed for
-    every token (one launch instead of ~150 kernel launches, which otherwise cost more host time than the GPU needs
-    to run them). Where capturing fails, the same step runs eagerly."""
+    """One fixed-shape decoding step over a cache of the model's whole window, with its token and position in
+    fixed buffers; on CUDA captured once as a CUDA graph and replayed for every token (one launch instead of ~150
+    kernel launches, which otherwise cost more host time than the GPU needs to run them). Where capturing fails,
+    the same step runs eagerly. ``graph_step`` keeps one per model, batch size, dtype and device, so a capture (which
+    synchronises and empties the allocator's cache) happens once, not on every prompt."""
 
-    def __init__(self, model: GPT, cache: StaticKVCache, batch: int, capture: bool) -> None:
-        self.model, self.cache = model, cache
-        self.token = torch.zeros(batch, 1, dtype=torch.long, device=cache.buffer.device)
-        self.capture, self.graph, self.logits = capture, None, None
+    def __init__(self, model: GPT, batch: int) -> None:
+        self.model = weakref.ref(model)  # kept per model in a weak map: the step must not keep its model alive
+        self.cache = model.kv_cache(batch, model.config.n_positions)
+        device = self.cache.buffer.device
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.input_pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.capture, self.graph, self.logits = device.type == "cuda", None, None
+        self.captures = 0
 
     def _forward(self) -> torch.Tensor:
-        return self.model.lm_head(self.model.hidden_states(self.token, cache=self.cache)[:, -1])
+        return last_logits(self.model(), self.token, self.input_pos, self.cache)
 
-    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits after ``tokens`` [batch], written at the cache's position, which then moves on by one."""
+    def __call__(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
+        """Logits after ``tokens`` [batch], written at slot ``position``."""
         self.token.copy_(tokens.view(-1, 1))
+        self.input_pos.fill_(position)
         if self.capture and self.graph is None:
             self._capture()
         if self.graph is not None:
             self.graph.replay()
-            logits = self.logits.clone()
-        else:
-            logits = self._forward()
-        self.cache.advance()
-        return logits
+            return self.logits.clone()
+        return self._forward()
 
     def _capture(self) -> None:
+        self.captures += 1
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -100,8 +111,22 @@ class GraphStep:
                 self._forward()
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: a capture must not trip other threads' CUDA calls (a server's, or NCCL's under torchrun)
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.logits = self._forward()
             self.graph = graph
         except RuntimeError:
             self.capture, self.graph = False, None
+
+
+_GRAPH_STEPS: "weakref.WeakKeyDictionary[GPT, dict[tuple, GraphStep]]" = weakref.WeakKeyDictionary()
+
+
+def graph_step(model: GPT, batch: int) -> GraphStep:
+    """The model's one ``GraphStep`` for this batch size, dtype and device (made on first use, then reused)."""
+    weight = model.lm_head.weight
+    steps = _GRAPH_STEPS.setdefault(model, {})
+    key = (batch, weight.dtype, weight.device)
+    if key not in steps:
+        steps[key] = GraphStep(model, batch)
+    return steps[key]

@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from .decoding_step import DecodingStep, GraphStep
+from .decoding_step import DecodingStep, graph_step
 from .defaults import TRAINING_SAMPLE, TRAINING_SAMPLE_QUESTION, SamplingSettings
 from .errors import KoGPT2Error
-from .kv_cache import KVCache, StaticKVCache
 from .model import GPT
 from .sampling import apply_repetition_penalty, block_repeated_ngrams, sample_next
 from .tokenizer import Tokenizer
@@ -22,69 +22,119 @@ def never_generated(tokenizer: Tokenizer) -> list[int]:
     return sorted({tokenizer.unk_id, tokenizer.pad_id} | ({tokenizer.bos_id} - {tokenizer.eos_id}))
 
 
-@torch.no_grad()
-def generate_ids(model: GPT, prompt_ids: list[int], settings: SamplingSettings, eos_id: int, num_samples: int = 1,
-                 rng: torch.Generator | None = None, suppress: list[int] = (),
-                 static: bool | None = None) -> Iterator[list[int | None]]:
-    """Yield, per step, the new token of each sample (None once a sample has ended at ``eos_id``).
+class Decoder:
+    """A batch of samples decoding together over one KV cache, and the one owner of their position: the next slot
+    to write, passed to every model call (as gpt-fast passes ``input_pos``)."""
 
-    ``suppress`` lists token ids never to produce (see ``never_generated``). ``static`` (default: on CUDA) decodes
-    with fixed-shape steps replayed as a CUDA graph; the tokens are the same either way. Sampling stays on the
-    device; the one host sync per token is reading the new tokens. Past the model's positions the context slides:
-    the cache is rebuilt from the newest half of the text.
+    def __init__(self, model: GPT, batch: int, slots: int, static: bool) -> None:
+        """``static``: fixed-shape steps over the model's whole window, replayed as a CUDA graph on CUDA (the
+        model's one ``GraphStep`` for this batch size); else a cache of ``slots`` for this call."""
+        self.graph = graph_step(model, batch) if static else None
+        self.cache = self.graph.cache if static else model.kv_cache(batch, slots)
+        self.kernels = DecodingStep(model, batch)
+        self.position = 0
+
+    @property
+    def full(self) -> bool:
+        return self.position == self.cache.capacity
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits [batch, vocab] after ``ids`` [batch, time], written from the cache's first slot."""
+        input_pos = torch.arange(ids.shape[1], device=ids.device)
+        logits = self.kernels(ids, input_pos, self.cache)
+        self.position = ids.shape[1]
+        return logits
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits [batch, vocab] after one new token per row, ``tokens`` [batch]."""
+        if self.graph is not None:
+            logits = self.graph(tokens, self.position)
+        else:
+            input_pos = torch.tensor([self.position], device=tokens.device)
+            logits = self.kernels(tokens.view(-1, 1), input_pos, self.cache)
+        self.position += 1
+        return logits
+
+    def keep_rows(self, rows: torch.Tensor) -> bool:
+        """Go on with these rows only; False where the shape is fixed (the graph's), and every row stays."""
+        if self.graph is not None:
+            return False
+        self.cache.keep_rows(rows)
+        self.kernels = DecodingStep(self.kernels.model, len(rows))
+        return True
+
+
+class Sample(Protocol):
+    def push(self, token: int) -> bool:
+        """Take the sample's next token; True when it ends the sample (the one place an end is decided)."""
+
+
+class TokenList:
+    """A sample kept as token ids, for callers that want ids rather than text: it ends at ``end_id`` (which it
+    does not keep), or only at its length when None."""
+
+    def __init__(self, end_id: int | None = None) -> None:
+        self.end_id, self.ids = end_id, []
+
+    def push(self, token: int) -> bool:
+        if token == self.end_id:
+            return True
+        self.ids.append(token)
+        return False
+
+
+@torch.no_grad()
+def generate_ids(model: GPT, prompt_ids: list[int], settings: SamplingSettings, samples: list[Sample],
+                 rng: torch.Generator | None = None, suppress: list[int] = (),
+                 static: bool | None = None) -> Iterator[int]:
+    """Draw tokens for ``samples``, all continuing ``prompt_ids``, until each ends or has ``text_size`` tokens;
+    yield a sample's index each time it has taken a token.
+
+    A sample that ends leaves the batch at once, so it costs no further steps and feeds no penalty (with fixed-shape
+    steps its row runs on, unread). ``suppress`` lists token ids never to produce (see ``never_generated``).
+    ``static`` (default: on CUDA) decodes with fixed-shape steps replayed as a CUDA graph; the tokens are the same
+    either way. Sampling stays on the device; the one host sync per token is reading the new tokens. Past the
+    model's positions the context slides: the cache is rebuilt from the newest half of the text.
     """
     if not prompt_ids:
         raise KoGPT2Error("a prompt needs at least one token")
     device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
     static = device.type == "cuda" if static is None else static
     window = model.config.n_positions
-    keep = window // 2
-    rows = [list(prompt_ids[-window:]) for _ in range(num_samples)]
-    seen = torch.tensor(rows, device=device)  # prompt and new tokens, for the repetition penalty
+    rows = [list(prompt_ids[-window:]) for _ in samples]  # prompt and new tokens of each batch row
+    owner = list(range(len(samples)))  # the sample each batch row draws for
+    going = [True] * len(samples)  # per batch row
+    decoder = Decoder(model, len(samples), min(window, len(rows[0]) + settings.text_size), static)
+    seen = torch.tensor(rows, device=device)  # [batch, tokens], for the repetition penalty
     blocked = torch.tensor(list(suppress), dtype=torch.long, device=device)
-    cache = (StaticKVCache if static else KVCache)(model.config, num_samples, window, device, dtype)
-    prompt_step = DecodingStep(model, num_samples)
-    graph_step = GraphStep(model, cache, num_samples, capture=device.type == "cuda") if static else None
-
-    def prefill(ids: torch.Tensor) -> torch.Tensor:
-        """Logits after a whole prompt, written into the cache from its first slot."""
-        cache.restart()
-        logits = prompt_step(ids, cache)
-        if static:
-            cache.start_decoding()
-        return logits
-
-    logits = prefill(seen)
-    done = [False] * num_samples
+    logits = decoder.prefill(seen)  # [batch, vocab]
     for _ in range(settings.text_size):
         if settings.repetition_penalty != 1.0:
             logits = apply_repetition_penalty(logits, seen, settings.repetition_penalty)
         logits = block_repeated_ngrams(logits, rows, settings.no_repeat_ngram)
         if len(blocked):
             logits = logits.index_fill(1, blocked, float("-inf"))
-        tokens = sample_next(logits, settings.temperature, settings.top_k, settings.top_p, rng)
-        chosen = tokens.tolist()
-        step = []
-        for i, token in enumerate(chosen):
-            if done[i]:
-                step.append(None)
-                continue
-            done[i] = token == eos_id
-            step.append(None if done[i] else token)
-        yield step
-        if all(done):
+        tokens = sample_next(logits, settings.temperature, settings.top_k, settings.top_p, rng)  # [batch]
+        for row, token in enumerate(tokens.tolist()):
+            rows[row].append(token)
+            if going[row]:
+                going[row] = not samples[owner[row]].push(token)
+                yield owner[row]
+        if not any(going):
             return
-        for row, token in zip(rows, chosen):
-            row.append(token)
         if settings.repetition_penalty != 1.0:
             seen = torch.cat([seen, tokens.view(-1, 1)], dim=1)
-        if cache.length == window:  # slide: the newest half of the text becomes the new prompt
-            logits = prefill(torch.tensor([row[-keep:] for row in rows], device=device))
-        elif static:
-            logits = graph_step(tokens)
+        if not all(going):
+            kept = [row for row, on in enumerate(going) if on]
+            if decoder.keep_rows(torch.tensor(kept, device=device)):
+                index = torch.tensor(kept, device=device)
+                rows, owner, going = [rows[r] for r in kept], [owner[r] for r in kept], [True] * len(kept)
+                tokens, seen = tokens[index], seen[index]
+        if decoder.full:  # slide: the newest half of the text becomes the new prompt
+            logits = decoder.prefill(torch.tensor([row[-(window // 2):] for row in rows], device=device))
         else:
-            logits = prompt_step(tokens.view(-1, 1), cache)
+            logits = decoder.step(tokens)
+
 
 class TextStream:
     """Turns a growing list of generated ids into printable text pieces.
@@ -158,6 +208,42 @@ def new_seed() -> int:
     return int.from_bytes(os.urandom(4), "little")
 
 
+class SampleText:
+    """One sample's text as its tokens come, and the one place its end is decided: the end token, a stop token
+    (chat: the next turn's ``<usr>``), or a stop string. Each ``push`` leaves the text that became printable in
+    ``piece`` (None when nothing did)."""
+
+    def __init__(self, index: int, tokenizer: Tokenizer, prompt_ids: list[int], end_ids: set[int],
+                 stops: tuple[str, ...], trim_start: bool) -> None:
+        self.index, self.end_ids = index, end_ids
+        self.text, self.stop = TextStream(tokenizer, prompt_ids), StopText(stops)
+        self.started = not trim_start
+        self.tokens = 0
+        self.piece: Piece | None = None
+
+    def push(self, token: int) -> bool:
+        if token in self.end_ids:
+            self.piece = self._piece(self.stop.flush(), "stop")
+            return True
+        self.tokens += 1
+        shown = self.stop.push(self.text.push(token))
+        if self.stop.stopped:
+            self.piece = self._piece(shown + self.stop.flush(), "stop")
+            return True
+        self.piece = self._piece(shown) if shown else None
+        return False
+
+    def finish(self) -> Piece:
+        """The last piece of a sample that ran to its length."""
+        return self._piece(self.stop.flush(), "length")
+
+    def _piece(self, text: str, finish: str | None = None) -> Piece | None:
+        if not self.started:
+            text = text.lstrip()  # all space before a trimmed start is dropped
+            self.started = bool(text)
+        return Piece(self.index, text, finish, self.tokens) if text or finish else None
+
+
 class TextSampler:
     """Text from a prompt, piece by piece: end token, stop strings, never-generated ids and whole characters are
     all handled here, so every caller sees the same text for the same model, prompt, settings and seed."""
@@ -168,7 +254,7 @@ class TextSampler:
         ``trim_start``: a sample starts at its first non-space character (a chat answer after ``<sys>``)."""
         self.model, self.tokenizer = model, tokenizer
         self.suppress = never_generated(tokenizer)
-        self.stop_ids = set(stop_ids)
+        self.end_ids = {tokenizer.eos_id, *stop_ids}
         self.trim_start = trim_start
         self.device = next(model.parameters()).device
 
@@ -180,41 +266,18 @@ class TextSampler:
                num_samples: int = 1) -> Iterator[Piece]:
         """Pieces of ``num_samples`` continuations drawn together; each sample ends with one ``done`` piece."""
         rng = torch.Generator(device=self.device).manual_seed(seed)
-        streams = [TextStream(self.tokenizer, prompt_ids) for _ in range(num_samples)]
-        stops = [StopText(settings.stop) for _ in range(num_samples)]
-        counts = [0] * num_samples
-        started = [not self.trim_start] * num_samples
-        ended = [False] * num_samples
-
-        def piece(index: int, text: str, finish: str | None = None) -> Piece:
-            if not started[index]:
-                text = text.lstrip()
-                started[index] = bool(text)
-            return Piece(index, text, finish, counts[index])
-
-        for step in generate_ids(self.model, prompt_ids, settings, self.tokenizer.eos_id, num_samples, rng,
-                                 self.suppress):
-            for index, token in enumerate(step):
-                if ended[index]:
-                    continue
-                if token is None or token in self.stop_ids:
-                    ended[index] = True
-                    yield piece(index, stops[index].flush(), "stop")
-                    continue
-                counts[index] += 1
-                shown = stops[index].push(streams[index].push(token))
-                if stops[index].stopped:
-                    ended[index] = True
-                    yield piece(index, shown + stops[index].flush(), "stop")
-                elif shown:
-                    out = piece(index, shown)
-                    if out.text:  # all space before a trimmed start
-                        yield out
-            if all(ended):
-                return
-        for index in range(num_samples):
-            if not ended[index]:
-                yield piece(index, stops[index].flush(), "length")
+        samples = [SampleText(i, self.tokenizer, prompt_ids, self.end_ids, settings.stop, self.trim_start)
+                   for i in range(num_samples)]
+        ended = set()
+        for index in generate_ids(self.model, prompt_ids, settings, samples, rng, self.suppress):
+            piece = samples[index].piece
+            if piece is not None:
+                if piece.done:
+                    ended.add(index)
+                yield piece
+        for sample in samples:
+            if sample.index not in ended:
+                yield sample.finish()
 
     def complete(self, prompt_ids: list[int], settings: SamplingSettings, seed: int, num_samples: int = 1) -> list[str]:
         """The whole continuation of each sample."""

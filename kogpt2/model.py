@@ -88,12 +88,13 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, layer: int, mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x, layer: int, mask: torch.Tensor | None, cache: KVCache | None,
+                input_pos: torch.Tensor | None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # [B, head, T, hs]
         if cache is not None:
-            k, v = cache.update(layer, k, v)
+            k, v = cache.update(layer, input_pos, k, v)  # [B, head, slots, hs]
         dropout = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -120,8 +121,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, layer: int, mask, cache) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), layer, mask, cache)
+    def forward(self, x, layer: int, mask, cache, input_pos) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), layer, mask, cache, input_pos)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -138,6 +139,8 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        n = config.n_positions
+        self.register_buffer("causal", torch.ones(n, n, dtype=torch.bool).tril(), persistent=False)  # [query, key]
         self.grad_checkpoint = False  # training may recompute each block in the backward pass instead of storing it
         self.tied_grad = TiedGradient(self.transformer.wte.weight)
         self.apply(self._init_weights)
@@ -155,16 +158,16 @@ class GPT(nn.Module):
     def forward(
         self,
         idx: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
         cache: KVCache | None = None,
-        positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
         segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [batch, time, vocab] for token ids [batch, time] (see ``hidden_states`` for the arguments); with
         ``targets`` [batch, time] instead the summed cross-entropy over those that are not ``IGNORE_INDEX``, computed
         without holding all the logits."""
-        hidden = self.hidden_states(idx, attention_mask, cache, positions, segments)
+        hidden = self.hidden_states(idx, input_pos, cache, attention_mask, segments)
         if targets is None:
             return self.lm_head(hidden)
         return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets.reshape(-1),
@@ -173,44 +176,41 @@ class GPT(nn.Module):
     def hidden_states(
         self,
         idx: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
         cache: KVCache | None = None,
-        positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The last layer's output [batch, time, n_embd], before the head.
 
-        ``attention_mask`` [batch, cached + time] marks real tokens (1) and padding (0), for batched prompts of
-        different lengths; ``positions`` then default to each row's count of real tokens so far. With a ``cache``
-        the call sees only the new tokens and appends their keys and values. ``segments`` [batch, time] numbers the
-        independent examples packed into a row (chat): each starts again at position 0 and attends only to itself,
-        so its logits are those it would have alone.
+        With a ``cache``, ``idx`` holds only the new tokens and ``input_pos`` [time] the cache slots they go to: the
+        caller owns the decoding position (as in gpt-fast), so a step's shapes never depend on a Python number and
+        it can be captured as a CUDA graph. Each token attends to every slot up to its own.
+        ``attention_mask`` [batch, slots] marks real tokens (1) and padding (0), for batched prompts of different
+        lengths; positions then count each row's real tokens. ``segments`` [batch, time] numbers the independent
+        examples packed into a row (chat): each starts again at position 0 and attends only to itself, so its
+        logits are those it would have alone.
         """
         B, T = idx.shape
-        past = cache.length if cache is not None else 0
-        if past + T > self.config.n_positions:
-            raise KoGPT2Error(f"sequence of {past + T} tokens is longer than the model's {self.config.n_positions} positions")
-        if cache is not None and past + T > cache.capacity:
-            raise KoGPT2Error(f"KV cache holds {cache.capacity} tokens, {past + T} requested")
-        if cache is not None and cache.decoding:  # a fixed-shape step (the caller keeps it inside the window)
-            positions, mask = cache.position.expand(B, T), cache.visible()
-        elif segments is not None:
+        if cache is None and T > self.config.n_positions:
+            raise KoGPT2Error(f"sequence of {T} tokens is longer than the model's {self.config.n_positions} positions")
+        if segments is not None:
             positions, mask = self._segment_positions_and_mask(segments)
         else:
-            if positions is None and attention_mask is None:
-                positions = torch.arange(past, past + T, device=idx.device).expand(B, T)
-            elif positions is None:
-                positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-            mask = self._attention_mask(attention_mask, past, T, idx.device)
-        x = self.transformer.drop(self._token_embeddings(idx) + self.transformer.wpe(positions))
+            slots = cache.capacity if cache is not None else T
+            input_pos = torch.arange(T, device=idx.device) if input_pos is None else input_pos  # [T]
+            positions = input_pos.expand(B, T)
+            if attention_mask is not None:
+                real = F.pad(attention_mask.long(), (0, slots - attention_mask.shape[1]))  # [B, slots]
+                positions = (real.cumsum(-1) - 1).clamp(min=0)[:, input_pos]
+            mask = None if cache is None and attention_mask is None else self._mask(input_pos, slots, attention_mask)
+        x = self.transformer.drop(self._token_embeddings(idx) + self.transformer.wpe(positions))  # [B, T, n_embd]
         recompute = self.grad_checkpoint and self.training and torch.is_grad_enabled()
         for layer, block in enumerate(self.transformer.h):
             if recompute:  # the random state is replayed, so dropout drops the same units: the same gradients
-                x = torch.utils.checkpoint.checkpoint(block, x, layer, mask, cache, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, layer, mask, cache, input_pos, use_reentrant=False)
             else:
-                x = block(x, layer, mask, cache)
-        if cache is not None and not cache.decoding:
-            cache.length += T
+                x = block(x, layer, mask, cache, input_pos)
         return self.transformer.ln_f(x)
 
     def _token_embeddings(self, idx: torch.Tensor) -> torch.Tensor:
@@ -230,19 +230,20 @@ class GPT(nn.Module):
         causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
         return steps - first, causal & (segments[:, None, :, None] == segments[:, None, None, :])
 
-    @staticmethod
-    def _attention_mask(attention_mask, past: int, T: int, device) -> torch.Tensor | None:
-        """None means plain causal attention (the fast path); else a bool mask [batch, 1, T, past + T]."""
-        if attention_mask is None and past == 0:
-            return None
-        causal = torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past)
+    def _mask(self, input_pos: torch.Tensor, slots: int, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """[batch or 1, 1, time, slots]: each query sees the slots up to its own, less padding."""
+        mask = self.causal[input_pos, :slots][None, None]  # [1, 1, T, slots]
         if attention_mask is None:
-            return causal
-        mask = causal & attention_mask.bool()[:, None, None, :]
+            return mask
+        real = F.pad(attention_mask.bool(), (0, slots - attention_mask.shape[1]))  # [B, slots]
         # A padding query with no real key before it would softmax over nothing (NaN): let it see itself.
-        diagonal = torch.zeros_like(causal)
-        diagonal[:, past:] = torch.eye(T, dtype=torch.bool, device=device)
-        return mask | diagonal
+        own = torch.arange(slots, device=input_pos.device) == input_pos[:, None]  # [T, slots]
+        return (mask & real[:, None, None, :]) | own
+
+    def kv_cache(self, batch_size: int, slots: int) -> KVCache:
+        """An empty cache for ``batch_size`` rows of up to ``slots`` tokens, on the weights' device and dtype."""
+        c, weight = self.config, self.lm_head.weight
+        return KVCache(c.n_layer, c.n_head, c.n_embd // c.n_head, batch_size, slots, weight.device, weight.dtype)
 
     def set_dropout(self, p: float) -> None:
         """Change every dropout rate (fine-tuning often wants another than pretraining's)."""

@@ -4,6 +4,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from conftest import REPO, run_generator
 from kogpt2.checkpoint import load_checkpoint
 from kogpt2.loading import model_from_checkpoint
 from kogpt2.defaults import SamplingSettings
-from kogpt2.generate import TextStream, generate_ids, never_generated
+from kogpt2.generate import TextStream, TokenList, generate_ids, never_generated
 from kogpt2.generate import TextSampler
 from kogpt2.prompt_loop import PromptLoop
 
@@ -53,16 +54,17 @@ def test_greedy_equals_argmax_of_full_forwards(model_and_tokenizer, settings):
     suppress = never_generated(tokenizer)
     assert suppress == [tokenizer.bos_id, tokenizer.pad_id, tokenizer.unk_id]
     want = argmax_by_full_forwards(model, prompt, 30, tokenizer.eos_id, suppress)
-    got = [t for (t,) in generate_ids(model, prompt, SamplingSettings(text_size=30, **settings), tokenizer.eos_id,
-                                      suppress=suppress) if t is not None]
-    assert got == want
+    got = TokenList(tokenizer.eos_id)
+    list(generate_ids(model, prompt, SamplingSettings(text_size=30, **settings), [got], suppress=suppress))
+    assert got.ids == want
 
 
 def test_sliding_window_keeps_generating_past_the_context(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     settings = SamplingSettings(temperature=1.0, text_size=model.config.n_positions + 50)
-    steps = list(generate_ids(model, [tokenizer.bos_id], settings, eos_id=-1, rng=torch.Generator().manual_seed(0)))
-    assert len(steps) == model.config.n_positions + 50
+    sample = TokenList()
+    list(generate_ids(model, [tokenizer.bos_id], settings, [sample], rng=torch.Generator().manual_seed(0)))
+    assert len(sample.ids) == model.config.n_positions + 50
 
 
 def test_same_seed_same_text_and_other_seeds_differ(model_and_tokenizer):
@@ -83,9 +85,10 @@ def test_streamed_text_equals_the_result_and_starts_with_the_prompt(model_and_to
 def test_stops_at_eos_text_size_and_stop_strings(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     prompt = [tokenizer.bos_id] + tokenizer.encode("오늘")
-    steps = list(generate_ids(model, prompt, SamplingSettings(temperature=0, text_size=200), tokenizer.eos_id))
-    assert steps[-1] == [None] and len(steps) < 200  # ended at </s>, which is never yielded as a token
-    assert len(list(generate_ids(model, prompt, SamplingSettings(temperature=1, text_size=3), -1))) == 3
+    ended, endless = TokenList(tokenizer.eos_id), TokenList()
+    steps = list(generate_ids(model, prompt, SamplingSettings(temperature=0, text_size=200), [ended]))
+    assert len(steps) == len(ended.ids) + 1 < 200  # ended at </s>, which the sample does not keep
+    assert len(list(generate_ids(model, prompt, SamplingSettings(temperature=1, text_size=3), [endless]))) == 3
     full, _ = generate(model, tokenizer, "오늘", temperature=1.0, seed=0, text_size=60)
     continuation = full[len("오늘"):]
     stop = continuation[len(continuation) // 2:][:2]
@@ -190,11 +193,50 @@ def test_real_process_with_piped_stdin(trained):
     assert starts == ["하", "둘", "셋"]
 
 
+def test_a_typed_line_can_be_edited_and_recalled_in_a_terminal(trained, tmp_path):
+    """Under a pseudo-terminal, as typed: Left arrow moves inside the line (no escape codes in the prompt), Up recalls
+    the line before."""
+    pytest.importorskip("readline", reason="no line editing on this platform")
+    import os
+    import pty
+    import select
+
+    samples = tmp_path / "samples"
+    argv = [sys.executable, "generator.py", "--load_path", str(trained / "KoGPT2_best.tar"), "--samples", str(samples),
+            "--seed", "1", "--text_size", "3"]
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: generator.py on the terminal's other end
+        os.chdir(REPO)
+        os.execve(sys.executable, argv, {**os.environ, "TERM": "xterm", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"})
+    shown = b""
+
+    def wait_for_prompt(count: int) -> None:
+        nonlocal shown
+        deadline = time.monotonic() + 120
+        while shown.count(b"input : ") < count:
+            assert time.monotonic() < deadline, shown.decode("utf-8", "replace")
+            if select.select([terminal], [], [], 1)[0]:
+                shown += os.read(terminal, 4096)
+
+    try:
+        wait_for_prompt(1)
+        os.write(terminal, "아침\x1b[D\x1b[D오늘 \r".encode())  # "아침", Left twice, "오늘 " before it, Enter
+        wait_for_prompt(2)
+        os.write(terminal, b"\x1b[A\r")  # Up: the line before, Enter
+        wait_for_prompt(3)
+        os.write(terminal, b"\r")  # an empty line ends
+        assert os.waitpid(pid, 0)[1] == 0
+    finally:
+        os.close(terminal)
+    prompts = [json.loads(path.read_text(encoding="utf-8").split("\n", 1)[0])["prompt"]
+               for path in sorted(samples.iterdir())]
+    assert prompts == ["오늘 아침", "오늘 아침"]
+
+
 @pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "plain"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_decoding_step_logits_equal_the_plain_forward(monkeypatch, onednn, batch):
     import kogpt2.decoding_step as generate_module
-    from kogpt2.kv_cache import KVCache
     from kogpt2.model import GPT, GPTConfig
 
     if not onednn:
@@ -203,10 +245,11 @@ def test_decoding_step_logits_equal_the_plain_forward(monkeypatch, onednn, batch
     model = GPT(GPTConfig(vocab_size=300, n_positions=32, n_embd=48, n_layer=2, n_head=4)).eval()
     ids = torch.randint(0, 300, (batch, 12))
     step = generate_module.DecodingStep(model, batch)
-    cache = KVCache(model.config, batch, 32, "cpu", torch.float32)
+    cache = model.kv_cache(batch, 32)
     with torch.no_grad():
         want = model(ids)
-        got = [step(ids[:, :8], cache)] + [step(ids[:, i:i + 1], cache) for i in range(8, 12)]
+        got = [step(ids[:, :8], torch.arange(8), cache)]
+        got += [step(ids[:, i:i + 1], torch.tensor([i]), cache) for i in range(8, 12)]
     for position, logits in zip(range(7, 12), got):
         assert torch.allclose(logits, want[:, position], atol=1e-5)
 
@@ -216,10 +259,14 @@ def test_decoding_step_logits_equal_the_plain_forward(monkeypatch, onednn, batch
                          ids=["greedy", "pure", "filtered"])
 @pytest.mark.parametrize("num_samples", [1, 3])
 def test_fixed_shape_decoding_gives_the_same_tokens(model_and_tokenizer, settings, num_samples):
-    """The CUDA graph path (fixed-shape steps on a StaticKVCache), run on the CPU, past the context window too."""
+    """The CUDA graph path (fixed-shape steps over the whole window), run on the CPU, past the context window too."""
     model, tokenizer = model_and_tokenizer
     prompt = [tokenizer.bos_id] + tokenizer.encode("오늘 아침에")
     full = SamplingSettings(text_size=model.config.n_positions + 40, **settings)
-    runs = [list(generate_ids(model, prompt, full, -1, num_samples, torch.Generator().manual_seed(5),
-                              never_generated(tokenizer), static=static)) for static in (False, True)]
-    assert runs[0] == runs[1] and len(runs[0]) == model.config.n_positions + 40
+    runs = []
+    for static in (False, True):
+        samples = [TokenList() for _ in range(num_samples)]
+        list(generate_ids(model, prompt, full, samples, torch.Generator().manual_seed(5), never_generated(tokenizer),
+                          static=static))
+        runs.append([sample.ids for sample in samples])
+    assert runs[0] == runs[1] and {len(ids) for ids in runs[0]} == {model.config.n_positions + 40}

@@ -5,7 +5,6 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from kogpt2.errors import KoGPT2Error
 from kogpt2.hf_layout import hf_state_dict, infer_config, load_hf_state_dict
-from kogpt2.kv_cache import KVCache
 from kogpt2.model import GPT, GPTConfig
 
 V1_SHAPED = GPTConfig(vocab_size=50000, n_positions=64, n_embd=128, n_layer=2, n_head=2, activation="gelu", dropout=0.0)
@@ -52,12 +51,12 @@ def test_kv_cache_equals_full_forward_at_every_step():
     torch.manual_seed(1)
     model = GPT(V2_SHAPED).eval()
     ids = torch.randint(0, V2_SHAPED.vocab_size, (2, 10))
-    cache = KVCache(V2_SHAPED, batch_size=2, max_len=10, device="cpu", dtype=torch.float32)
+    cache = model.kv_cache(batch_size=2, slots=10)
     with torch.no_grad():
         full = model(ids)
-        stepped = [model(ids[:, :4], cache=cache)]
+        stepped = [model(ids[:, :4], torch.arange(4), cache)]
         for t in range(4, 10):
-            stepped.append(model(ids[:, t:t + 1], cache=cache))
+            stepped.append(model(ids[:, t:t + 1], torch.tensor([t]), cache))
     assert torch.allclose(torch.cat(stepped, dim=1), full, atol=1e-5)
 
 
@@ -68,10 +67,10 @@ def test_kv_cache_with_left_padding_matches_unpadded_rows():
     batch = torch.cat([torch.cat([torch.full((1, 3), 3), short], 1), long])
     mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1] * 6])
     nxt = torch.randint(10, 1000, (2, 1))
-    cache = KVCache(V2_SHAPED, 2, 7, "cpu", torch.float32)
+    cache = model.kv_cache(2, 7)
     with torch.no_grad():
-        model(batch, attention_mask=mask, cache=cache)
-        step = model(nxt, attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1), cache=cache)
+        model(batch, torch.arange(6), cache, attention_mask=mask)
+        step = model(nxt, torch.tensor([6]), cache, attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1))
         alone = model(torch.cat([short, nxt[:1]], 1))[:, -1]
     assert torch.allclose(step[0, -1], alone[0], atol=1e-5)
 
