@@ -270,3 +270,38 @@ def test_fixed_shape_decoding_gives_the_same_tokens(model_and_tokenizer, setting
                           static=static))
         runs.append([sample.ids for sample in samples])
     assert runs[0] == runs[1] and {len(ids) for ids in runs[0]} == {model.config.n_positions + 40}
+
+
+def test_the_captured_decoding_step_is_reused_across_calls(model_and_tokenizer, monkeypatch):
+    """On CUDA a capture synchronises and empties the allocator's cache, so it happens once per model and batch size,
+    not once per prompt. Counted on the CPU with a stand-in for the CUDA graph (replay reruns the captured step into
+    the same output buffer)."""
+    import kogpt2.decoding_step as steps
+
+    class StandInGraph:
+        def __init__(self, step):
+            self.step = step
+
+        def replay(self):
+            self.step.logits.copy_(self.step._forward())
+
+    def capture(step):
+        step.captures += 1
+        step.logits, step.graph = step._forward(), StandInGraph(step)
+
+    monkeypatch.setattr(steps.GraphStep, "_capture", capture)
+    model, tokenizer = model_and_tokenizer
+    for batch in (1, 2):
+        steps.graph_step(model, batch).capture = True
+    settings = SamplingSettings(temperature=1.0, text_size=20)
+
+    def draw(batch: int, static: bool, seed: int) -> list[list[int]]:
+        samples = [TokenList() for _ in range(batch)]
+        prompt = [tokenizer.bos_id] + tokenizer.encode("오늘")
+        list(generate_ids(model, prompt, settings, samples, torch.Generator().manual_seed(seed), static=static))
+        return [sample.ids for sample in samples]
+
+    for seed in range(3):
+        for batch in (1, 2):
+            assert draw(batch, True, seed) == draw(batch, False, seed)
+    assert [steps.graph_step(model, batch).captures for batch in (1, 2)] == [1, 1]
