@@ -88,9 +88,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"unset sampling flags then take chat defaults: temperature {defaults.CHAT_SAMPLING.temperature}, "
                         f"repetition_penalty {defaults.CHAT_SAMPLING.repetition_penalty}, text_size "
                         f"{defaults.CHAT_SAMPLING.text_size}")
-    p.add_argument("--history", type=integer(0), default=defaults.CHAT_HISTORY,
-                   help="대화: 문맥으로 남길 이전 턴 수 (0: 답마다 그 질문만 봄) / chat: earlier turns kept as context (0: "
-                        "each answer sees only its question)")
+    p.add_argument("--history", type=integer(0), default=None,
+                   help="대화(CLI, 웹 페이지, API 모두): 문맥으로 남길 이전 턴 수 (0: 답마다 그 질문만 봄; 기본: 모델이 배운 만큼, "
+                        "질문/답 쌍으로 배웠으면 0) / chat (CLI, web page and API alike): earlier turns kept as context (0: "
+                        "each answer sees only its question; default: as many as the model learnt with, 0 for "
+                        "question/answer pairs)")
     p.add_argument("--question_column", default=defaults.QUESTION_COLUMN,
                    help="대화: 질문이 든 --prompts의 CSV 열 / chat: CSV column of --prompts holding the questions")
     p.add_argument("--serve", action="store_true",

@@ -49,6 +49,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="--chat: 질문 열 / with --chat: the questions' column")
     p.add_argument("--answer_column", default=defaults.ANSWER_COLUMN,
                    help="--chat: 답변 열 / with --chat: the answers' column")
+    p.add_argument("--dialogue_column", default=None,
+                   help="--chat: 대화 id 열; 같은 값이 이어지는 행들이 한 대화(여러 턴을 한 문맥에서 학습) / with --chat: a "
+                        "dialogue id column; consecutive rows with the same id are one dialogue, its turns learnt in one "
+                        "context, so a chat's history helps (default: every row alone)")
     p.add_argument("--encoding", default=None,
                    help="CSV 인코딩 / CSV encoding (default: detect UTF-16 with BOM, UTF-8 with or without BOM, "
                         "CP949/EUC-KR)")

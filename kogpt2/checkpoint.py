@@ -3,8 +3,8 @@
 
 Keys (docs/ARCHITECTURE.md lists them with their types): ``model_state_dict``, ``optimizer_state_dict``, ``epoch``,
 ``train_no`` and ``loss`` as in 2020 checkpoints; ``format_version``, ``config``, ``tokenizer``, ``progress``,
-``schedule``, ``settings``, ``rng``, ``scaler``, ``data_fingerprint``, ``data``, ``pretrained``, ``mode``, ``args``
-and ``run`` are ours."""
+``schedule``, ``settings``, ``rng``, ``scaler``, ``data_fingerprint``, ``data``, ``pretrained``, ``mode``,
+``chat_turns``, ``args`` and ``run`` are ours."""
 from __future__ import annotations
 
 import os
@@ -187,6 +187,7 @@ class CheckpointRecord:
     pretrained: str | None
     run: str | None  # the training run it belongs to (kept by a resume); None: a 2020 checkpoint
     args: dict = field(default_factory=dict)
+    chat_turns: int = 1  # the most question/answer turns in one training example (more than 1: dialogues)
 
 
 def read_record(payload: dict, path: str | Path) -> CheckpointRecord:
@@ -198,7 +199,7 @@ def read_record(payload: dict, path: str | Path) -> CheckpointRecord:
         step=int(progress.get("step", payload.get("train_no", 0))), epoch=int(progress.get("epoch", payload.get("epoch", 0))),
         mode=payload.get("mode", "text"), data_path=data.get("path"), data_sha256=data.get("sha256"),
         column=data.get("column"), pretrained=payload.get("pretrained"), run=run_of(payload),
-        args=dict(payload.get("args", {})))
+        args=dict(payload.get("args", {})), chat_turns=int(payload.get("chat_turns", 1)))
 
 
 def new_run() -> str:
@@ -222,10 +223,11 @@ def run_of_file(path: Path) -> str | None:
 
 
 def source_record(data_path: str, data_sha256: str, column: str, pretrained: str, args: dict, mode: str,
-                  run: str) -> dict:
+                  run: str, chat_turns: int = 1) -> dict:
     """Where a run's model and data came from, and which run it is, stored as-is in each of its checkpoints."""
     return {"data": {"path": str(data_path), "sha256": data_sha256, "column": column}, "pretrained": pretrained,
-            "mode": mode, "args": {k: v for k, v in args.items() if v is not None}, "run": run}
+            "mode": mode, "chat_turns": chat_turns, "args": {k: v for k, v in args.items() if v is not None},
+            "run": run}
 
 
 def training_payload(*, model_state: dict, optimizer_state: dict, config: dict, tokenizer: Tokenizer, progress: dict,
@@ -278,8 +280,8 @@ def generation_payload(payload: dict, dtype: torch.dtype = torch.bfloat16) -> di
     """What generating needs and nothing else: weights in half precision, config, tokenizer (~250 MB at full size)."""
     if not is_ours(payload):
         raise KoGPT2Error("only checkpoints written by kogpt2-finetune carry their tokenizer; resave first")
-    keep = ("format_version", "config", "tokenizer", "progress", "data", "pretrained", "mode", "args", "epoch",
-            "train_no", "loss")
+    keep = ("format_version", "config", "tokenizer", "progress", "data", "pretrained", "mode", "chat_turns", "args",
+            "epoch", "train_no", "loss")
     slim = {k: payload[k] for k in keep if k in payload}
     slim["model_state_dict"] = {k: v.to(dtype) if v.is_floating_point() else v
                                 for k, v in payload["model_state_dict"].items() if k != "lm_head.weight"}

@@ -73,7 +73,6 @@ SAMPLING = SamplingSettings()
 NUM_SAMPLES = 1
 # Chat answers: short, varied, and without the loops a plain sampler falls into on a small chat corpus.
 CHAT_SAMPLING = SamplingSettings(temperature=0.8, top_k=40, top_p=0.9, repetition_penalty=1.2, text_size=64)
-CHAT_HISTORY = 0  # turns kept as context, as in the KoGPT2-chatbot recipe
 
 # The short text printed at each evaluation while training: a fixed phrase, drawn with the run's seed.
 TRAINING_SAMPLE_PHRASE = "우리"

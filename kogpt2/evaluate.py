@@ -95,7 +95,7 @@ def perplexity_of(args: argparse.Namespace) -> tuple[float, int, str]:
     chat = record is not None and record.mode == "chat"  # answers only, as the run's val_ppl
     corpus = Corpus(csv, args.column or (record.column if record and record.column and not chat else TEXT_COLUMN),
                     chat, recorded.get("question_column", QUESTION_COLUMN), recorded.get("answer_column", ANSWER_COLUMN),
-                    not args.no_cache, recorded.get("seed", 42))
+                    not args.no_cache, recorded.get("seed", 42), recorded.get("dialogue_column"))
     if args.split == "val" and not recorded.get("val_file"):
         _, data = corpus.pack(tokenizer, max_len, recorded.get("val_ratio", 0.1))
         if data is None:

@@ -28,8 +28,8 @@ from .train import Trainer, TrainSettings
 
 # Settings a resume takes from the checkpoint unless given again: with them the run continues exactly.
 RESUMED_SETTINGS = ("max_len", "batch_size", "grad_accum", "lr", "warmup", "dropout", "val_ratio", "val_file", "seed",
-                    "column", "chat", "question_column", "answer_column", "eval_every", "save_every", "keep_last",
-                    "patience", "precision")
+                    "column", "chat", "question_column", "answer_column", "dialogue_column", "eval_every",
+                    "save_every", "keep_last", "patience", "precision")
 
 
 def plural(count: int, word: str) -> str:
@@ -133,7 +133,8 @@ def take_checkpoint_settings(args: argparse.Namespace, recorded: dict, given: se
 
 
 def corpus_of(csv: CsvFile, args: argparse.Namespace) -> Corpus:
-    return Corpus(csv, args.column, args.chat, args.question_column, args.answer_column, not args.no_cache, args.seed)
+    return Corpus(csv, args.column, args.chat, args.question_column, args.answer_column, not args.no_cache, args.seed,
+                  args.dialogue_column)
 
 
 def _run(args: argparse.Namespace, world: World, device_name: str) -> int:
@@ -198,7 +199,7 @@ def _run(args: argparse.Namespace, world: World, device_name: str) -> int:
         compile=use_compile(args.compile, device), grad_checkpoint=args.grad_checkpoint)
     recorded_args = {k: v for k, v in vars(args).items() if k != "given"}
     source = source_record(args.data_file_path, train_csv.sha256, corpus.column, args.pretrained, recorded_args,
-                           "chat" if args.chat else "text", run)
+                           "chat" if args.chat else "text", run, corpus.turns)
     trainer = Trainer(model.to(device), tokenizer, train_data, val_data, settings, source, log=say, world=world)
     if resume is not None and resume.record.ours:
         trainer.restore(resume.payload, resume.record.path)
@@ -208,6 +209,9 @@ def _run(args: argparse.Namespace, world: World, device_name: str) -> int:
         f"{plural(train_data.tokens, 'training token')} in {plural(len(train_data.blocks), 'block')} of {args.max_len}"
         + (f"; {plural(train_data.rows_split, 'row')} longer than {args.max_len} tokens "
            f"{'cut to fit' if args.chat else 'split over blocks'}" if train_data.rows_split else ""))
+    if args.dialogue_column:
+        say(f"dialogues: {len(corpus.pairs.dialogues)} ('{args.dialogue_column}'), up to {corpus.turns} turns in one "
+            f"example of {args.max_len} tokens; a chat keeps the last {corpus.turns - 1} turns as context by default")
     processes = f" x {world.size} processes = {trainer.global_batch}" if world.active else ""
     bf16_instructions = cpu_bf16_instructions() if device.type == "cpu" and precision == "fp32" else []
     if bf16_instructions:

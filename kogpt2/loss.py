@@ -63,12 +63,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     """sum over real targets of -log softmax(hidden @ weight.T)[target]; ``IGNORE_INDEX`` targets count nothing.
 
     hidden [tokens, C], weight [vocab, C], targets [tokens]. ``tied`` (the model's ``TiedGradient``) lets the
-    weight's gradient be added to its ``.grad`` in place (tied_grad.py). On a GPU the plain head and cross-entropy are faster
-    (one large matmul and a fused kernel, which torch.compile fuses further) and memory is less scarce; on the CPU
-    the chunked form saves gigabytes.
+    weight's gradient be added to its ``.grad`` in place (tied_grad.py). The CPU's form: the chunks save gigabytes
+    there; on a GPU the plain head and cross-entropy (``plain_cross_entropy``) are faster.
     """
-    if hidden.device.type == "cuda":
-        return plain_cross_entropy(hidden, weight, targets)
     return _LinearCrossEntropy.apply(hidden, weight, targets, tied)
 
 

@@ -15,7 +15,7 @@ import torch.utils.checkpoint
 
 from .errors import KoGPT2Error
 from .kv_cache import KVCache
-from .loss import linear_cross_entropy
+from .loss import linear_cross_entropy, plain_cross_entropy
 from .tied_grad import TiedGradient
 
 ACTIVATIONS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
@@ -142,6 +142,9 @@ class GPT(nn.Module):
         n = config.n_positions
         self.register_buffer("causal", torch.ones(n, n, dtype=torch.bool).tril(), persistent=False)  # [query, key]
         self.grad_checkpoint = False  # training may recompute each block in the backward pass instead of storing it
+        # True: the tied weight's gradient and the head's loss go through plain autograd, as on CUDA; the CPU's
+        # in-place paths (tied_grad.py, loss.py) save memory but break a torch.compile graph.
+        self.plain_autograd = False
         self.tied_grad = TiedGradient(self.transformer.wte.weight)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
@@ -170,8 +173,10 @@ class GPT(nn.Module):
         hidden = self.hidden_states(idx, input_pos, cache, attention_mask, segments)
         if targets is None:
             return self.lm_head(hidden)
-        return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets.reshape(-1),
-                                    self.tied_grad)
+        hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # [B*T, n_embd], [B*T]
+        if self.plain_autograd or hidden.device.type == "cuda":
+            return plain_cross_entropy(hidden, self.lm_head.weight, targets)
+        return linear_cross_entropy(hidden, self.lm_head.weight, targets, self.tied_grad)
 
     def hidden_states(
         self,
@@ -215,7 +220,7 @@ class GPT(nn.Module):
 
     def _token_embeddings(self, idx: torch.Tensor) -> torch.Tensor:
         weight = self.transformer.wte.weight
-        if weight.device.type == "cpu" and weight.requires_grad and torch.is_grad_enabled():
+        if weight.device.type == "cpu" and weight.requires_grad and torch.is_grad_enabled() and not self.plain_autograd:
             return self.tied_grad.embedding(idx)
         return self.transformer.wte(idx)
 

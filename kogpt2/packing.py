@@ -10,8 +10,9 @@ from functools import cached_property, partial
 import numpy as np
 import torch
 
-from .chat import ChatFormat, read_pairs
+from .chat import ChatExample, ChatFormat, read_pairs
 from .data import CsvColumn, CsvFile, TokenizedRows
+from .errors import KoGPT2Error
 from .loss import IGNORE_INDEX
 from .tokenizer import Tokenizer
 
@@ -69,12 +70,12 @@ def pack(rows: TokenizedRows, block_size: int, pad_id: int, keep: np.ndarray | N
     return PackedData(blocks, real, len(lengths), int((lengths > block_size).sum()), len(stream))
 
 
-def pack_examples(examples: list[tuple[list[int], int]], block_size: int, pad_id: int,
+def pack_examples(examples: list[ChatExample], block_size: int, pad_id: int,
                   keep: np.ndarray | None = None) -> PackedData:
-    """Whole examples (ids, index of the first target that counts) packed into blocks of ``block_size`` inputs: an
-    example never spans two blocks, a block holds as many as fit, and each keeps its own segment number so attention
-    and positions stay inside it. Only targets from ``answer_start`` on count (chat: the answer and its end token).
-    An example longer than a block is cut to fit (counted in ``rows_split``)."""
+    """Whole examples packed into blocks of ``block_size`` inputs: an example never spans two blocks, a block holds as
+    many as fit, and each keeps its own segment number so attention and positions stay inside it. Only the
+    example's own targets count (chat: answers and their end tokens). An example longer than a block is cut to fit
+    (counted in ``rows_split``); ``rows`` counts turns, one per question/answer row."""
     chosen = [e for e, k in zip(examples, keep if keep is not None else [True] * len(examples)) if k]
     inputs, targets, segments = [], [], []
     row_in, row_out, row_seg = [], [], []
@@ -87,23 +88,23 @@ def pack_examples(examples: list[tuple[list[int], int]], block_size: int, pad_id
         row_seg.extend([len(set(row_seg)) if row_seg else 0] * fill)
         segments.append(list(row_seg))
 
-    for ids, answer_start in chosen:
+    for ids, wanted, _ in chosen:
         if len(ids) - 1 > block_size:
-            ids, cut = ids[:block_size + 1], cut + 1
+            ids, wanted, cut = ids[:block_size + 1], wanted[:block_size], cut + 1
         if row_in and len(row_in) + len(ids) - 1 > block_size:
             close()
             row_in, row_out, row_seg = [], [], []
         segment = row_seg[-1] + 1 if row_seg else 0
         row_in += ids[:-1]
-        row_out += [t if i + 1 >= answer_start else IGNORE_INDEX for i, t in enumerate(ids[1:])]
+        row_out += wanted
         row_seg += [segment] * (len(ids) - 1)
     if row_in or not inputs:
         close()
     inputs_t = torch.tensor(inputs, dtype=torch.long)
     targets_t = torch.tensor(targets, dtype=torch.long)
     blocks = torch.cat([inputs_t, torch.full((len(inputs), 1), pad_id, dtype=torch.long)], dim=1)
-    return PackedData(blocks, (targets_t != IGNORE_INDEX).sum(1), len(chosen), cut,
-                      sum(len(ids) for ids, _ in chosen), targets_t, torch.tensor(segments, dtype=torch.long))
+    return PackedData(blocks, (targets_t != IGNORE_INDEX).sum(1), sum(e.turns for e in chosen), cut,
+                      sum(len(e.ids) for e in chosen), targets_t, torch.tensor(segments, dtype=torch.long))
 
 
 def epoch_order(n_blocks: int, seed: int, epoch: int) -> torch.Tensor:
@@ -124,18 +125,22 @@ def validation_mask(n_rows: int, val_ratio: float, seed: int) -> np.ndarray:
 
 
 class Corpus:
-    """The training text of a CSV: its text column, or with ``--chat`` its question/answer pairs."""
+    """The training text of a CSV: its text column, or with ``--chat`` its question/answer rows (grouped into
+    dialogues by ``dialogue_column``, when given)."""
 
     def __init__(self, csv: CsvFile, column: str, chat: bool, question_column: str, answer_column: str,
-                 cache: bool, seed: int) -> None:
-        """``seed`` chooses the validation rows, as ``validation_mask`` does everywhere."""
+                 cache: bool, seed: int, dialogue_column: str | None = None) -> None:
+        """``seed`` chooses the validation rows (chat: dialogues), as ``validation_mask`` does everywhere."""
         self.chat, self.cache, self.seed = chat, cache, seed
+        if dialogue_column and not chat:
+            raise KoGPT2Error("--dialogue_column groups question/answer rows into dialogues: it needs --chat")
         if chat:
-            self.pairs = read_pairs(csv, question_column, answer_column)
+            self.pairs = read_pairs(csv, question_column, answer_column, dialogue_column)
             self.column = answer_column
         else:
             self.text = CsvColumn(csv, column)
             self.column = self.text.column
+        self.turns = 1  # the most turns in one training example, known once packed
 
     @property
     def rows_read(self) -> int:
@@ -147,16 +152,22 @@ class Corpus:
 
     def texts(self, val_ratio: float) -> list[str]:
         """What a scratch tokenizer learns from: the rows training will use (``val_ratio`` 0: all)."""
-        rows = [self.pairs.questions, self.pairs.answers] if self.chat else [self.text.texts]
-        keep = ~validation_mask(len(rows[0]), val_ratio, self.seed)
-        return [t for column in rows for t, k in zip(column, keep) if k]
+        if not self.chat:
+            keep = ~validation_mask(len(self.text.texts), val_ratio, self.seed)
+            return [t for t, k in zip(self.text.texts, keep) if k]
+        keep = ~validation_mask(len(self.pairs.dialogues), val_ratio, self.seed)
+        turns = [turn for dialogue, k in zip(self.pairs.dialogues, keep) if k for turn in dialogue]
+        return [q for q, _ in turns] + [a for _, a in turns]
 
     def pack(self, tokenizer: Tokenizer, max_len: int, val_ratio: float) -> tuple[PackedData, PackedData | None]:
-        """Training blocks and, with a ``val_ratio``, validation blocks from the held-out rows."""
+        """Training blocks and, with a ``val_ratio``, validation blocks from the held-out rows (chat: dialogues)."""
         if self.chat:
             chat = ChatFormat(tokenizer)
-            examples = [chat.example(q, a) for q, a in zip(self.pairs.questions, self.pairs.answers)]
-            val = validation_mask(len(examples), val_ratio, self.seed)
+            dialogues = [chat.dialogue(turns, max_len) for turns in self.pairs.dialogues]
+            held_out = validation_mask(len(dialogues), val_ratio, self.seed)
+            val = np.repeat(held_out, [len(d) for d in dialogues])
+            examples = [example for d in dialogues for example in d]
+            self.turns = max(example.turns for example in examples)
             packed = partial(pack_examples, examples, max_len, tokenizer.pad_id)
         else:
             rows = self.text.token_rows(tokenizer, self.cache)

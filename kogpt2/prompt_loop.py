@@ -22,6 +22,9 @@ HELP = """settings for the next prompts / 다음 입력부터 적용되는 설�
 class PromptLoop:
     """Samples for one prompt at a time, printed as they are made; the settings can change between prompts."""
 
+    help_text = HELP
+    refused: dict[str, str] = {}  # settings that do nothing here, and why
+
     def __init__(self, sampler: TextSampler, settings: SamplingSettings, seed: int | None, num_samples: int = 1,
                  out: TextIO | None = None, accept: Callable[[str], bool] | None = None, retries: int = 10) -> None:
         """``accept``, when given, vets each sample (``--no_copy``): a refused one is drawn again with the next
@@ -77,9 +80,11 @@ class PromptLoop:
         name, _, value = line[1:].strip().partition(" ")
         value = value.strip()
         if name in ("help", "?", ""):
-            return HELP
+            return self.help_text
         if name == "settings":
-            return f"{self.settings.to_dict()} num_samples={self.num_samples} seed={self.seed}"
+            return "\n".join(f"{key} = {_shown(value)}" for key, value in self.shown_settings().items())
+        if name in self.refused:
+            return f"/{name}: {self.refused[name]}"
         try:
             if name == "seed":
                 self.seed = int(value)
@@ -101,24 +106,46 @@ class PromptLoop:
             return f"/{name}: {error}"
         return f"{name} = {value}"
 
+    def shown_settings(self) -> dict:
+        """What ``/settings`` lists: every setting that acts here."""
+        return {**self.settings.to_dict(), "num_samples": self.num_samples, "seed": self.seed}
+
+
+def _shown(value) -> str:
+    if value is None:
+        return "random / 무작위"
+    if isinstance(value, list):
+        return " ".join(repr(stop) for stop in value) or "none / 없음"
+    return str(value)
+
+
+def line_editing() -> None:
+    """Arrow keys edit the typed line and Up recalls earlier ones: importing the standard library's ``readline``
+    (GNU readline or libedit) is what gives ``input()`` that, where the platform has it (not on Windows)."""
+    try:
+        import readline  # noqa: F401
+    except ImportError:
+        pass
+
 
 def prompts_from(first: str | None, interactive: bool, stdin: TextIO, ask: str = "input : "):
-    """The first phrase, then one prompt per input line (asking ``ask`` only on a terminal)."""
+    """The first phrase, then one prompt per input line: asked with ``ask`` and line editing on a terminal, read
+    as they come (empty lines skipped) from a pipe."""
     if first is not None:
         yield first
     while True:
         if interactive:
-            sys.stdout.write(ask)
-            sys.stdout.flush()
+            try:
+                yield input(ask)
+            except EOFError:
+                sys.stdout.write("\n")  # Ctrl-D: leave the shell's prompt on a line of its own
+                return
+            continue
         line = stdin.readline()
         if not line:
-            if interactive:
-                sys.stdout.write("\n")  # Ctrl-D: leave the shell's prompt on a line of its own
             return
-        line = line.rstrip("\r\n")
-        if not interactive and not line.strip():
-            continue
-        yield line
+        if line.strip():
+            yield line.rstrip("\r\n")
 
 
 def settings_from(args: argparse.Namespace, base: SamplingSettings) -> SamplingSettings:
@@ -138,12 +165,12 @@ def run(args: argparse.Namespace) -> int:
     if args.serve:
         from .server import serve
 
-        serve(opened, opened.source, args.host, args.port)
+        serve(opened, opened.source, args.host, args.port, args.history)
         return 0
     if args.chat or (opened.record is not None and opened.record.mode == "chat"):
         from .chat_loop import run_chat
 
-        run_chat(args, opened.model, opened.tokenizer, settings_from(args, CHAT_SAMPLING))
+        run_chat(args, opened, settings_from(args, CHAT_SAMPLING))
         return 0
     settings = settings_from(args, SAMPLING)
     training = training_text_for(opened.record, args.data_file_path, args.column, opened.tokenizer, args.format,
@@ -186,6 +213,8 @@ def converse(loop: PromptLoop, first: str | None, loops: int, respond: Callable[
     if hasattr(stdin, "reconfigure"):
         stdin.reconfigure(errors="replace")  # invalid UTF-8 typed or piped in must not crash the loop
     interactive = stdin.isatty()
+    if interactive:
+        line_editing()
     done = 0
     try:
         for prompt in prompts_from(first, interactive, stdin, ask):
@@ -194,7 +223,11 @@ def converse(loop: PromptLoop, first: str | None, loops: int, respond: Callable[
                 continue
             if interactive and prompt.strip().lower() in QUIT:
                 break
-            respond(prompt)
+            try:
+                respond(prompt)
+            except KoGPT2Error as error:  # this prompt cannot be answered (a question too long): the next may
+                print(f"error: {error}", file=sys.stderr)
+                continue
             done += 1
             if loops >= 0 and done >= loops:
                 break

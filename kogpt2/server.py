@@ -11,6 +11,7 @@ import json
 import os
 import queue
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Callable
 
-from .chat import ChatFormat
+from .chat import ChatFormat, conversation, history_note, history_turns
 from .defaults import CHAT_SAMPLING, SAMPLING, SamplingSettings
 from .errors import KoGPT2Error
 from .generate import Piece, TextSampler, new_seed
@@ -83,7 +84,8 @@ def sampling_settings(body: dict, base: SamplingSettings) -> SamplingSettings:
     return base.updated({"text_size": body.get("max_tokens"), **{name: body.get(name) for name in names}})
 
 
-def create_app(opened: OpenedModel, name: str):
+def create_app(opened: OpenedModel, name: str, history: int | None = None):
+    """``history``: ``--history``, the earlier turns a chat answer sees (None: as many as the model learnt with)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -92,6 +94,7 @@ def create_app(opened: OpenedModel, name: str):
 
     chat = opened.record is not None and opened.record.mode == "chat"
     chat_format = ChatFormat(opened.tokenizer) if chat else None
+    turns = history_turns(opened.record, history)
     sampler = chat_format.sampler(opened.model) if chat else TextSampler(opened.model, opened.tokenizer)
     worker = ModelWorker(sampler)
     app = FastAPI(title="kogpt2-finetune", docs_url=None, redoc_url=None)
@@ -124,7 +127,8 @@ def create_app(opened: OpenedModel, name: str):
     async def models() -> dict:
         base = CHAT_SAMPLING if chat else SAMPLING
         return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "kogpt2-finetune",
-                                            "mode": "chat" if chat else "text", "defaults": base.to_dict()}]}
+                                            "mode": "chat" if chat else "text", "defaults": base.to_dict(),
+                                            **({"history": turns} if chat else {})}]}
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest):
@@ -140,21 +144,20 @@ def create_app(opened: OpenedModel, name: str):
         if not chat:
             raise KoGPT2Error("this checkpoint was not trained with --chat: use /v1/completions")
         body = request.model_dump()
-        turns = [m.content for m in request.messages if m.role in ("user", "assistant")]
-        if not turns or request.messages[-1].role != "user":
-            raise KoGPT2Error("messages must end with a user message")
-        history = list(zip(turns[:-1:2], turns[1:-1:2]))
+        talk = conversation((m.role, m.content) for m in request.messages)
         settings = sampling_settings(body, CHAT_SAMPLING)
-        prompt_ids = chat_format.answer_prompt(turns[-1], history, opened.model, settings.text_size)
-        return await respond(prompt_ids, settings, body, "chat.completion",
-                             lambda piece: {"delta": {"content": piece.text}}, chat_reply=True)
+        prompt_ids, room = chat_format.answer_prompt(talk.question, talk.history, opened.model, settings.text_size,
+                                                     turns)
+        return await respond(prompt_ids, settings.with_value("text_size", room), body, "chat.completion",
+                             lambda piece: {"delta": {"content": piece.text}}, chat_reply=True, note=talk.note)
 
-    async def respond(prompt_ids, settings, body, kind, chunk, chat_reply=False):
+    async def respond(prompt_ids, settings, body, kind, chunk, chat_reply=False, note=None):
         seed = body["seed"] if body.get("seed") is not None else new_seed()
         n = body["n"]
         completion = Completion(worker, prompt_ids, settings, seed, n)
         ident, created = f"{'chatcmpl' if chat_reply else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
-        head = {"id": ident, "created": created, "model": name, "seed": seed, "settings": settings.to_dict()}
+        head = {"id": ident, "created": created, "model": name, "seed": seed, "settings": settings.to_dict(),
+                **({"notes": [note]} if note else {})}
         if body["stream"]:
             async def events():
                 async for piece in completion:
@@ -184,14 +187,18 @@ def create_app(opened: OpenedModel, name: str):
     return app
 
 
-def serve(opened: OpenedModel, name: str, host: str, port: int) -> None:
+def serve(opened: OpenedModel, name: str, host: str, port: int, history: int | None = None) -> None:
     try:
         import fastapi  # noqa: F401
         import uvicorn
     except ImportError:
         raise KoGPT2Error(f"--serve needs the web server packages: {SERVE_INSTALL}") from None
     listening = listening_socket(host, port)
-    server = uvicorn.Server(uvicorn.Config(create_app(opened, name), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(opened, name, history), log_level="warning"))
+    note = history_note(opened.record, history_turns(opened.record, history)) \
+        if opened.record and opened.record.mode == "chat" else None
+    if note:
+        print(note, file=sys.stderr)
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {name} at http://{shown}:{port}/  (API: /v1/completions{', /v1/chat/completions' if opened.record and opened.record.mode == 'chat' else ''}; Ctrl-C stops)", flush=True)
     with listening:

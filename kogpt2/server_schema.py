@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .server import MAX_SAMPLES, MAX_TOKENS
 
@@ -32,8 +32,22 @@ class CompletionRequest(SamplingFields):
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]
     content: str
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def text_parts(cls, content):
+        """OpenAI's other form of content, a list of parts: its text parts joined by a space, any other refused."""
+        if not isinstance(content, list):
+            return content
+        texts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                kind = repr(part.get("type")) if isinstance(part, dict) else type(part).__name__
+                raise ValueError(f'only text parts ({{"type": "text", "text": ...}}) are read, not {kind}')
+            texts.append(part["text"])
+        return " ".join(texts)
 
 
 class ChatRequest(SamplingFields):

@@ -20,7 +20,8 @@ from .hf_layout import hf_state_dict
 from .metrics_log import MetricsLog
 from .model import GPT
 from .optim import learning_rate, make_optimizer, steps_per_epoch
-from .packing import PackedData, epoch_order
+from .loss import IGNORE_INDEX
+from .packing import Batch, PackedData, epoch_order
 from .runtime import sum_dtype
 from .steps import batch_loss_sum, evaluate
 from .stop import StopRequest
@@ -82,7 +83,10 @@ class Trainer:
 
             self.ddp = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.eager_model = self.ddp or model
-        self.forward_model = torch.compile(self.eager_model) if settings.compile else self.eager_model
+        # Compiled, the step is one graph of fixed shapes: plain autograd for the tied weight and the head's loss
+        # (Dynamo cannot trace the CPU's in-place paths), and every batch padded to the same rows.
+        model.plain_autograd = settings.compile
+        self.forward_model = torch.compile(self.eager_model, dynamic=False) if settings.compile else self.eager_model
         self.compile_checked = not settings.compile
         self.optimizer = make_optimizer(model, settings)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=settings.precision == "fp16")
@@ -249,17 +253,21 @@ class Trainer:
     def _step(self, group: list[torch.Tensor], stop_here: bool) -> tuple[float, int, bool]:
         """One optimizer step over ``grad_accum`` global batches, this rank doing its share of each; the loss is the
         mean over all their real tokens. Returns it, the token count, and whether any rank was asked to stop.
-        The first compiled step falls back to eager, with one line, if compiling fails."""
+        The first compiled step falls back to eager, with one line, if the compiler fails (only then: an error of
+        the device, such as a failed assert, leaves its context broken and is not retried)."""
+        from torch._dynamo.exc import TorchDynamoException
+
         try:
             try:
                 result = self._optimizer_step(group, stop_here)
-            except Exception as error:
-                if self.compile_checked or isinstance(error, torch.OutOfMemoryError):
+            except TorchDynamoException as error:
+                if self.compile_checked:
                     raise
                 reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
                 self.log(f"note: torch.compile failed ({type(error).__name__}: {reason}); training goes on without it")
                 self.optimizer.zero_grad(set_to_none=True)
                 self.forward_model = self.eager_model
+                self.model.plain_autograd = False
                 result = self._optimizer_step(group, stop_here)
             self.compile_checked = True
             return result
@@ -282,11 +290,12 @@ class Trainer:
             param_group["lr"] = learning_rate(self.progress.step, settings, self.total_steps)
         total_tokens = int(sum(self.train_data.real_tokens[idx].sum() for idx in group))
         loss_sum = torch.zeros((), dtype=sum_dtype(self.device), device=self.device)
+        rows = self.global_batch if settings.compile else world.size  # fixed shapes compiled; a row for every rank
         for n, idx in enumerate(group):
-            mine = idx.tensor_split(world.size)[world.rank]
             syncing = n == len(group) - 1 or self.ddp is None
             with nullcontext() if syncing else self.ddp.no_sync():  # gradients travel once per step
-                loss = batch_loss_sum(self.forward_model, self.train_data.batch(mine), self.device, settings.precision)
+                batch = shard(self.train_data, idx, rows, world.size, world.rank)
+                loss = batch_loss_sum(self.forward_model, batch, self.device, settings.precision)
                 # DDP averages over ranks: undo that, keep the sum (the scaler multiplies it only under fp16)
                 self.scaler.scale(loss * (world.size / total_tokens)).backward()
             loss_sum += loss.detach()
@@ -297,3 +306,14 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum, stops = world.sum([loss_sum.item(), float(stop_here)])  # the step's one host sync
         return loss_sum / max(1, total_tokens), total_tokens, stops > 0
+
+
+def shard(data: PackedData, idx: torch.Tensor, rows: int, ranks: int, rank: int) -> Batch:
+    """This rank's part of the global batch ``idx``, padded to at least ``rows`` rows with copies of its first
+    block whose targets are all ignored: the loss and gradients are those of ``idx`` alone."""
+    padding = max(0, rows - len(idx))
+    padded = torch.cat([idx, idx[:1].expand(padding)]).tensor_split(ranks)[rank]
+    ignored = (torch.arange(len(idx) + padding) >= len(idx)).tensor_split(ranks)[rank]
+    batch = data.batch(padded)
+    batch.targets[ignored] = IGNORE_INDEX
+    return batch

@@ -120,6 +120,18 @@ def trained(tmp_path_factory) -> Path:
     return folder
 
 
+DIALOGUE_CSV = REPO / "data" / "dialogue_sample.csv"
+
+
+@pytest.fixture(scope="session")
+def dialogue_chatbot(tmp_path_factory) -> Path:
+    """A tiny chatbot trained on the three-turn dialogues of data/dialogue_sample.csv (--dialogue_column)."""
+    folder = tmp_path_factory.mktemp("dialogue_chatbot")
+    assert run_main("--chat", "--dialogue_column", "dialogue", "--data_file_path", DIALOGUE_CSV, "--epoch", 40,
+                    "--save_path", folder, *TINY_TRAINING) == 0
+    return folder
+
+
 def slowed_main(step_delay: float, slow_saves: bool = False) -> str:
     """Code for ``python -c`` that runs main.py with every step (and optionally every checkpoint write) slowed,
     so a real process can be killed or interrupted in the middle of either."""

@@ -93,17 +93,86 @@ def test_out_of_memory_names_the_batch_and_what_to_try(tmp_path, capsys, monkeyp
 
 def test_a_failed_compile_falls_back_to_eager_with_one_line(tmp_path, capsys, monkeypatch):
     import kogpt2.train
+    from torch._inductor.exc import InductorError
 
-    def broken_compile(module):
+    def broken_compile(module, dynamic):
         def forward(*args, **kwargs):
-            raise RuntimeError("backend compiler failed: no C++ compiler\nmore detail")
+            raise InductorError(RuntimeError("no C++ compiler\nmore detail"), None)
         return forward
 
     monkeypatch.setattr(kogpt2.train.torch, "compile", broken_compile)
     assert run_main("--epoch", 1, *TINY, "--batch_size", 8, "--save_path", tmp_path, "--compile", "on") == 0
     out = capsys.readouterr().out
-    assert out.count("note: torch.compile failed (RuntimeError: backend compiler failed: no C++ compiler); "
+    assert out.count("note: torch.compile failed (InductorError: RuntimeError: no C++ compiler); "
                      "training goes on without it") == 1
+
+
+def test_a_device_error_in_the_first_compiled_step_is_not_taken_for_a_compiler_failure(tmp_path, capsys, monkeypatch):
+    """A failed device assert leaves the CUDA context broken: retrying eagerly would only fail again, later."""
+    import kogpt2.train
+
+    def asserting_compile(module, dynamic):
+        def forward(*args, **kwargs):
+            raise RuntimeError("CUDA error: device-side assert triggered")
+        return forward
+
+    monkeypatch.setattr(kogpt2.train.torch, "compile", asserting_compile)
+    with pytest.raises(RuntimeError, match="device-side assert"):
+        run_main("--epoch", 1, *TINY, "--batch_size", 8, "--save_path", tmp_path, "--compile", "on")
+    assert "torch.compile failed" not in capsys.readouterr().out
+
+
+def test_every_compiled_step_has_the_same_shapes_and_the_losses_of_eager(tmp_path, monkeypatch, capsys):
+    """A short last batch is padded with ignored rows, so the compiled step never recompiles for it; the losses are
+    those of the unpadded batches."""
+    import kogpt2.train
+
+    shapes, losses = [], []
+    batch_loss_sum = kogpt2.train.batch_loss_sum
+
+    def recording(model, batch, device, precision):
+        shapes.append(tuple(batch.inputs.shape))
+        return batch_loss_sum(model, batch, device, precision)
+
+    monkeypatch.setattr(kogpt2.train, "batch_loss_sum", recording)
+    monkeypatch.setattr(kogpt2.train.torch, "compile", lambda module, dynamic: module)  # the shapes, not the compiler
+    for name in ("off", "on"):
+        shapes.clear()
+        assert run_main("--epoch", 1, *TINY, "--batch_size", 7, "--save_path", tmp_path / name, "--compile", name,
+                        "--dropout", 0) == 0
+        losses.append([json.loads(line)["train_loss"] for line in (tmp_path / name / "metrics.jsonl").open()])
+        if name == "off":
+            assert len(set(shapes)) == 2  # the data end in a short batch
+    assert set(shapes) == {(7, 64)}
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["text", "chat", "grad_checkpoint"])
+def test_the_compiled_training_step_is_one_graph(mode):
+    """What CUDA runs compiled: one graph, no breaks (a break splits the step and costs a recompile per piece)."""
+    from kogpt2.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=300, n_positions=64, n_embd=48, n_layer=2, n_head=4)).train()
+    model.plain_autograd, model.grad_checkpoint = True, mode == "grad_checkpoint"
+    ids = torch.randint(0, 300, (4, 32))
+    segments = torch.arange(32).div(10, rounding_mode="floor").expand(4, 32) if mode == "chat" else None
+    explained = torch._dynamo.explain(model)(ids, targets=ids, segments=segments)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_a_global_batch_smaller_than_the_world_gives_every_rank_rows():
+    """Flash attention rejects a batch of 0 rows: a rank whose share is empty gets an ignored row instead."""
+    from kogpt2.train import shard
+    from kogpt2.packing import PackedData
+
+    blocks = torch.randint(10, 300, (3, 9))
+    data = PackedData(blocks, torch.full((3,), 8), 3, 0, 24)
+    alone = data.batch(torch.tensor([2]))
+    parts = [shard(data, torch.tensor([2]), 4, 4, rank) for rank in range(4)]
+    assert [len(part.inputs) for part in parts] == [1, 1, 1, 1]
+    assert torch.equal(parts[0].targets, alone.targets)
+    assert all((part.targets == -100).all() for part in parts[1:])
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_generator, run_main
+from conftest import REPO, run_generator
 
 pytest.importorskip("fastapi", reason="the server's packages are absent: pip install -r requirements-serve.txt")
 
@@ -203,26 +203,69 @@ def test_a_long_prompt_is_cut_from_the_left_like_the_cli(server, trained, capsys
                                                              "--text_size", 8, "--temperature", 0)
 
 
-def test_chat_server_answers_like_the_cli(tmp_path, capsys):
-    run = tmp_path / "chat"
-    assert run_main("--chat", "--data_file_path", REPO / "data" / "chat_sample.csv", "--pretrained", "scratch:tiny",
-                    "--epoch", 3, "--max_len", 64, "--save_path", run) == 0
-    chat = Server(run / "KoGPT2_best.tar")
-    try:
-        assert chat.post("/v1/completions", {"prompt": "x"})[0] == 400
-        messages = [{"role": "user", "content": "배고파"}, {"role": "assistant", "content": "밥 먹어요."},
-                    {"role": "user", "content": "비가 와"}]
-        status, answer = chat.post("/v1/chat/completions", {"messages": messages, "seed": 4})
+@pytest.fixture(scope="module")
+def chat_server(dialogue_chatbot):
+    running = Server(dialogue_chatbot / "KoGPT2_best.tar")
+    yield running
+    running.stop()
+
+
+TALK = ["배고파", "추천해 줘", "고마워", "비가 와"]
+
+
+def cli_answers(checkpoint: Path, capsys, questions: list[str], *flags) -> list[str]:
+    capsys.readouterr()
+    assert run_generator("--load_path", checkpoint, *flags, stdin="".join(q + "\n" for q in questions)) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def test_chat_server_answers_like_the_cli_by_one_history_rule(chat_server, dialogue_chatbot, capsys):
+    """The page and API clients send the whole conversation; the server keeps the turns the CLI keeps (this model's
+    default: the 2 it learnt with), so the fourth answer sees the same 2 turns, not 3."""
+    assert chat_server.post("/v1/completions", {"prompt": "x"})[0] == 400
+    assert json.loads(chat_server.get("/v1/models")[1])["data"][0]["history"] == 2
+    messages = []
+    for question, want in zip(TALK, cli_answers(dialogue_chatbot, capsys, TALK, "--seed", 4), strict=True):
+        messages.append({"role": "user", "content": question})
+        status, answer = chat_server.post("/v1/chat/completions", {"messages": messages, "seed": 4})
         assert status == 200 and answer["object"] == "chat.completion"
-        capsys.readouterr()
-        assert run_generator("--load_path", run, "--seed", 4, "--history", 1, stdin="배고파\n비가 와\n") == 0
-        # the CLI's first answer is its own; compare with the server given the CLI's history
-        first, second = capsys.readouterr().out.splitlines()
-        messages[1]["content"] = first
-        status, answer = chat.post("/v1/chat/completions", {"messages": messages, "seed": 4})
-        assert answer["choices"][0]["message"]["content"] == second
-    finally:
-        chat.stop()
+        assert answer["choices"][0]["message"]["content"] == want
+        messages.append({"role": "assistant", "content": want})
+
+
+def test_chat_messages_are_read_by_role_with_text_parts_and_system_messages_noted(chat_server):
+    def answer(messages: list[dict]) -> dict:
+        status, body = chat_server.post("/v1/chat/completions", {"messages": messages, "temperature": 0})
+        assert status == 200, body
+        return body
+
+    plain = answer([{"role": "user", "content": "배고파"}, {"role": "assistant", "content": "뭐 먹고 싶어요?"},
+                    {"role": "user", "content": "추천해 줘"}])
+    varied = answer([{"role": "system", "content": "You are a helpful assistant."},
+                     {"role": "user", "content": [{"type": "text", "text": "배고파"}]},
+                     {"role": "assistant", "content": "뭐 먹고 싶어요?"}, {"role": "developer", "content": "짧게"},
+                     {"role": "user", "content": [{"type": "text", "text": "추천해 줘"}]}])
+    assert varied["choices"] == plain["choices"] and "notes" not in plain
+    assert varied["notes"] == ["2 system/developer message(s) left out: this model learnt from question/answer "
+                               "turns only"]
+    joined = answer([{"role": "user", "content": "배고파"}, {"role": "user", "content": "추천해 줘"}])
+    assert joined["choices"] == answer([{"role": "user", "content": "배고파 추천해 줘"}])["choices"]
+    status, refused = chat_server.post("/v1/chat/completions", {"messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})
+    assert status == 400 and "only text parts" in refused["error"]["message"]
+
+
+def test_a_large_max_tokens_never_cuts_the_chat_question(chat_server):
+    messages = [{"role": "user", "content": "배고파"}]
+    _, short = chat_server.post("/v1/chat/completions", {"messages": messages, "temperature": 0, "max_tokens": 64})
+    status, long = chat_server.post("/v1/chat/completions", {"messages": messages, "temperature": 0,
+                                                              "max_tokens": 2048})
+    assert status == 200 and long["choices"][0]["message"]["content"] == short["choices"][0]["message"]["content"]
+    assert short["choices"][0]["message"]["content"] and long["settings"]["text_size"] == 256 - long["usage"][
+        "prompt_tokens"]  # the tiny model's window, less the question
+    status, refused = chat_server.post("/v1/chat/completions", {"messages": [{"role": "user",
+                                                                              "content": "질문 " * 300}]})
+    assert status == 400 and "leaves no room for an answer" in refused["error"]["message"]
 
 
 def chromium_or_skip():
@@ -231,12 +274,11 @@ def chromium_or_skip():
     pytest.importorskip("selenium")
 
 
-def test_the_page_streams_text_in_a_real_browser(server, tmp_path):
+def chromium(tmp_path: Path):
+    """A headless Chromium under Selenium (the test is skipped where either is absent)."""
     chromium_or_skip()
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
@@ -244,7 +286,14 @@ def test_the_page_streams_text_in_a_real_browser(server, tmp_path):
                  "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,900", "--lang=ko"):
         options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+
+
+def test_the_page_streams_text_in_a_real_browser(server, tmp_path):
+    driver = chromium(tmp_path)
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
     try:
         driver.get(f"http://127.0.0.1:{server.port}/")
         wait = WebDriverWait(driver, 60)
@@ -268,3 +317,26 @@ def test_the_page_streams_text_in_a_real_browser(server, tmp_path):
             shutil.copy(tmp_path / "page.png", os.environ["KOGPT2_SCREENSHOT"])
     finally:
         driver.quit()
+
+
+def test_the_chat_page_answers_like_the_cli(chat_server, dialogue_chatbot, tmp_path, capsys):
+    driver = chromium(tmp_path)
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def answers_shown(driver) -> list:
+        return driver.find_elements(By.CSS_SELECTOR, "#chat-log .result .text")
+
+    try:
+        driver.get(f"http://127.0.0.1:{chat_server.port}/")
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: "history: 2" in d.find_element(By.ID, "model").text)
+        driver.find_element(By.ID, "seed").send_keys("4")
+        for count, question in enumerate(TALK, 1):
+            driver.find_element(By.ID, "prompt").send_keys(question, Keys.ENTER)
+            wait.until(lambda d: len(answers_shown(d)) == count and "완료" in d.find_element(By.ID, "status").text)
+        shown = [box.text for box in answers_shown(driver)]
+    finally:
+        driver.quit()
+    assert shown == cli_answers(dialogue_chatbot, capsys, TALK, "--seed", 4)

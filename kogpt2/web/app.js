@@ -9,7 +9,8 @@ const history = [];
 async function start() {
   const info = (await (await fetch("/v1/models")).json()).data[0];
   chat = info.mode === "chat";
-  $("model").textContent = `모델 / model: ${info.id} (${chat ? "대화 / chat" : "글쓰기 / text"})`;
+  $("model").textContent = `모델 / model: ${info.id} (${chat ? "대화 / chat" : "글쓰기 / text"})` +
+    (chat ? ` · 문맥 / history: ${info.history}턴 / turns` : "");
   const d = info.defaults;
   $("temperature").value = d.temperature; $("top_k").value = d.top_k; $("top_p").value = d.top_p;
   $("repetition_penalty").value = d.repetition_penalty; $("max_tokens").value = d.text_size;
@@ -36,7 +37,7 @@ async function generate() {
   const text = $("prompt").value;
   const body = request();
   let url = "/v1/completions";
-  if (chat) {
+  if (chat) {  // the whole conversation: the server keeps the turns its history rule keeps, as the CLI does
     url = "/v1/chat/completions";
     body.messages = [...history.flatMap(([q, a]) => [{ role: "user", content: q }, { role: "assistant", content: a }]),
                      { role: "user", content: text }];
