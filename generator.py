@@ -50,9 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", type=device, default="auto",
                    help="장치: auto (cuda, mps, cpu 순), cpu, cuda, cuda:N, mps / auto (cuda, mps, cpu), cpu, cuda, "
                         "cuda:N, mps")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="생성할 때 가중치의 정밀도 (같은 시드라도 bf16과 fp32는 다른 텍스트) / weights' precision for "
-                        "generation (bf16 and fp32 give different text for the same seed)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="생성할 때 가중치의 정밀도 (auto: bf16을 지원하는 GPU는 bf16, 오래된 GPU는 fp16, CPU는 fp32; 같은 "
+                        "시드라도 bf16과 fp32는 다른 텍스트) / weights' precision for generation (auto: bf16 on GPUs "
+                        "that have it, fp16 on older GPUs, fp32 on the CPU; bf16 and fp32 give different text)")
     p.add_argument("--prompts", default=None,
                    help="일괄 모드: 텍스트 파일(한 줄에 프롬프트 하나) 또는 CSV, TSV, .jsonl (--column 참고) / batch "
                         "mode: a text file (one prompt a line) or a CSV, TSV or .jsonl (see --column)")

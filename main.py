@@ -104,6 +104,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="학습 스텝을 torch.compile (auto: CUDA에서 켬); 컴파일이 실패하면 없이 계속 학습 / torch.compile the "
                         "training step (auto: on for CUDA); if compiling fails, training goes on without it")
+    p.add_argument("--dist_timeout", type=number(above=0), default=defaults.DIST_TIMEOUT_MINUTES,
+                   help="torchrun에서 다른 프로세스를 기다리는 최대 분 (rank 0이 평가, 저장하는 동안) / torchrun: minutes a "
+                        "process waits for the others (while rank 0 evaluates and saves)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="GPU에서도 비트 단위로 같은 재개를 위해 결정적 커널만 사용 (조금 느림; CPU는 원래 정확) / "
+                        "deterministic kernels, for bit-exact resumes on a GPU too (somewhat slower; the CPU is exact "
+                        "anyway)")
     p.add_argument("--grad_checkpoint", action="store_true",
                    help="역전파 때 활성값을 다시 계산: 메모리는 훨씬 적고 약 1/3 느리며 기울기는 같음 / recompute "
                         "activations in the backward pass: much less memory, about a third slower, the same gradients")

@@ -24,6 +24,7 @@ BATCH_SIZE = 4
 MAX_LEN = 256  # tokens per training block, or the model's context if shorter
 FINETUNE_LR = 3e-5  # the original's
 SCRATCH_LR = 1e-3  # a fresh small model learns nothing at a fine-tuning rate
+DIST_TIMEOUT_MINUTES = 10.0  # torchrun: what NCCL itself waits by default
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-COLLECTIVE_TIMEOUT = timedelta(seconds=60)  # a rank that died must not leave the others waiting forever
+_TIMEOUT = timedelta(minutes=10)  # set by join; a dead rank ends the job through torchrun's agent, not this
 
 
 @dataclass(frozen=True)
@@ -66,13 +66,19 @@ def _cpu_group():
     """Small bookkeeping collectives go over gloo, whatever backend carries the gradients."""
     global _CPU_GROUP
     if _CPU_GROUP is None:
-        _CPU_GROUP = dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT) if dist.get_backend() != "gloo" \
+        _CPU_GROUP = dist.new_group(backend="gloo", timeout=_TIMEOUT) if dist.get_backend() != "gloo" \
             else dist.group.WORLD
     return _CPU_GROUP
 
 
-def join(device_name: str) -> tuple[World, str]:
-    """Join the job torchrun started (NCCL on CUDA, Gloo on CPU) and pick this process's device."""
+def join(device_name: str, timeout_minutes: float) -> tuple[World, str]:
+    """Join the job torchrun started (NCCL on CUDA, Gloo on CPU) and pick this process's device.
+
+    ``timeout_minutes``: how long a collective waits for the other ranks. Rank 0 alone evaluates, samples and writes
+    checkpoints while the others wait, so it must cover a slow disk and a first compile, not just a step. A rank
+    that dies still ends the job at once: torchrun's agent stops the others."""
+    global _TIMEOUT
+    _TIMEOUT = timedelta(minutes=timeout_minutes)
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) <= 1:
         return World(), device_name
     world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
@@ -83,7 +89,7 @@ def join(device_name: str) -> tuple[World, str]:
     elif device_name == "auto":
         device_name = "cpu"
     dist.init_process_group(backend="nccl" if use_cuda else "gloo", store=_store(world), rank=world.rank,
-                            world_size=world.size, timeout=COLLECTIVE_TIMEOUT)
+                            world_size=world.size, timeout=_TIMEOUT)
     return world, device_name
 
 
@@ -92,7 +98,7 @@ def _store(world: World) -> dist.Store:
     addresses its dead predecessors published there."""
     agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world.size,
-                          is_master=world.rank == 0 and not agent_hosts_it, timeout=COLLECTIVE_TIMEOUT)
+                          is_master=world.rank == 0 and not agent_hosts_it, timeout=_TIMEOUT)
     return dist.PrefixStore(f"kogpt2/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 

@@ -22,14 +22,14 @@ from .optim import steps_per_epoch, warmup_steps
 from .packing import Corpus
 from .plot import plot_metrics
 from .pretrained import ReleaseUnavailable
-from .runtime import cpu_bf16_instructions, keep_freed_memory, pick_device, pick_precision, use_compile
+from .runtime import cpu_bf16_instructions, keep_freed_memory, make_deterministic, pick_device, pick_precision, use_compile
 from .scratch import is_scratch, scratch_model
 from .train import Trainer, TrainSettings
 
 # Settings a resume takes from the checkpoint unless given again: with them the run continues exactly.
 RESUMED_SETTINGS = ("max_len", "batch_size", "grad_accum", "lr", "warmup", "dropout", "val_ratio", "val_file", "seed",
                     "column", "chat", "question_column", "answer_column", "dialogue_column", "eval_every",
-                    "save_every", "keep_last", "patience", "precision")
+                    "save_every", "keep_last", "patience", "precision", "deterministic")
 
 
 def plural(count: int, word: str) -> str:
@@ -37,7 +37,7 @@ def plural(count: int, word: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    world, device_name = join(args.device)
+    world, device_name = join(args.device, args.dist_timeout)
     try:
         return _run(args, world, device_name)
     except BaseException as error:
@@ -144,8 +144,8 @@ def _run(args: argparse.Namespace, world: World, device_name: str) -> int:
     # checked before any model is loaded or downloaded
     train_csv = CsvFile(args.data_file_path, args.encoding, args.format, args.txt_unit)
     val_csv = CsvFile(args.val_file, args.encoding, args.format, args.txt_unit) if args.val_file else None
-    resume = _start(args, say)
     check_save_path(args.save_path)
+    resume = _start(args, say)
     continuing = resume is not None and resume.record.ours
     run = resume.record.run if continuing else new_run()
     refuse_another_run(args.save_path, run, args.load_path)
@@ -154,6 +154,8 @@ def _run(args: argparse.Namespace, world: World, device_name: str) -> int:
         take_checkpoint_settings(args, resume.record.args, getattr(args, "given", set()), say)
     if args.lr is None:
         args.lr = SCRATCH_LR if is_scratch(args.pretrained) else FINETUNE_LR
+    if args.deterministic:
+        make_deterministic()
     torch.manual_seed(args.seed)  # a fresh model's initial weights, dropout: all follow --seed
     precision = pick_precision(args.precision, device)
     corpus = corpus_of(train_csv, args)

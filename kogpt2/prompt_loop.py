@@ -158,9 +158,10 @@ def settings_from(args: argparse.Namespace, base: SamplingSettings) -> SamplingS
 def run(args: argparse.Namespace) -> int:
     from .loading import open_model
     from .report import copy_check, training_text_for, write_report
-    from .runtime import pick_device
+    from .runtime import pick_device, pick_precision
 
-    opened = open_model(args.load_path, args.pretrained, pick_device(args.device), args.dtype)
+    device = pick_device(args.device)
+    opened = open_model(args.load_path, args.pretrained, device, pick_precision(args.dtype, device))
     opened.model.eval()
     if args.serve:
         from .server import serve

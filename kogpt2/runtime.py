@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 
 import torch
 
@@ -49,6 +50,15 @@ def cpu_bf16_instructions() -> list[str]:
     except OSError:
         return []
     return [name for name in ("amx_bf16", "avx512_bf16") if name in flags]
+
+
+def make_deterministic() -> None:
+    """Bit-exact runs on a GPU, at some speed: deterministic kernels (no atomic adds in the embedding's backward or
+    in flash attention's), and cuBLAS with a fixed workspace (set before CUDA starts). On the CPU runs are exact
+    already."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
 
 
 def keep_freed_memory() -> None:

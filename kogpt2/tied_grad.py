@@ -23,7 +23,7 @@ class TiedGradient:
         kept, grad = self.kept, self.weight.grad
         if kept is None or kept.shape != self.weight.shape or kept.dtype != dtype or \
                 (grad is not None and grad.data_ptr() == kept.data_ptr()):
-            self.kept = torch.empty(self.weight.shape, dtype=dtype)
+            self.kept = torch.empty(self.weight.shape, dtype=dtype, device=self.weight.device)
         return self.kept.zero_()
 
     def accumulator(self) -> torch.Tensor:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,21 @@ V1_SPIECE = FIXTURES / "kogpt2-v1" / "kogpt2_news_wiki_ko_cased_818bfa919d.spiec
 V2_TOKENIZER = FIXTURES / "kogpt2-v2" / "tokenizer.json"
 
 torch.set_num_threads(2)
+
+
+def pytest_configure(config):
+    """The suite runs on the CPU even where a GPU is (its bit-exact checks assume the CPU's deterministic kernels);
+    tests marked ``gpu`` run only when asked for (``pytest -m gpu``) on a machine with CUDA."""
+    config.addinivalue_line("markers", "gpu: needs CUDA; run with pytest -m gpu (bench/gpu_check.py does)")
+    if "gpu" not in (config.option.markexpr or "").replace("not gpu", ""):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before any CUDA call, for this process and the ones it starts
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason="needs CUDA (run pytest -m gpu on a GPU machine)"))
 
 
 def _need(path: Path) -> Path:

@@ -126,10 +126,11 @@ def test_slash_settings_refuse_bad_values_and_keep_the_old_one():
     assert loop.settings == SAMPLING
 
 
-def test_ctrl_d_leaves_the_shell_prompt_on_its_own_line(capsys):
+def test_ctrl_d_leaves_the_shell_prompt_on_its_own_line(capsys, monkeypatch):
     from kogpt2.prompt_loop import prompts_from
 
-    assert list(prompts_from(None, True, io.StringIO("하나\n"))) == ["하나"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("하나\n"))  # input() reads sys.stdin, with line editing on a terminal
+    assert list(prompts_from(None, True, io.StringIO())) == ["하나"]
     assert capsys.readouterr().out == "input : input : \n"
 
 

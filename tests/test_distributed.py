@@ -116,3 +116,21 @@ def test_elastic_restart_resumes_from_the_newest_checkpoint(tmp_path):
     assert "resuming from" in out
     assert load_checkpoint(folder / "KoGPT2_best.tar")["progress"]["epoch"] >= 1
     assert [m["step"] for m in metrics(folder)] == list(range(1, metrics(folder)[-1]["step"] + 1))
+
+
+def test_a_rank_0_pause_longer_than_a_minute_does_not_abort_the_job(tmp_path):
+    """Rank 0 alone evaluates, samples and writes checkpoints while the others wait in a collective: a slow disk or a
+    first compile can take minutes there, and the job must wait for it (the old 60 s timeout aborted it)."""
+    import os
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(REPO)!r})\n"
+        "import os, time, kogpt2.train as t\ne = t.Trainer._evaluate\n"
+        "t.Trainer._evaluate = lambda self: (time.sleep(65) if os.environ.get('RANK') == '0' else None, e(self))[1]\n")
+    process = torchrun(*TINY, "--epoch", 1, "--batch_size", 2, "--save_path", tmp_path / "run",
+                       env={**os.environ, "PYTHONPATH": str(site)})
+    out, err = process.communicate(timeout=400)
+    assert process.returncode == 0, err[-3000:]
+    assert list((tmp_path / "run").glob("KoGPT2_checkpoint_*.tar"))

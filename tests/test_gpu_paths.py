@@ -196,3 +196,28 @@ def test_precision_auto_picks_bf16_fp16_or_fp32(monkeypatch):
     assert pick_precision("auto", cuda) == "fp16"
     assert pick_precision("auto", torch.device("cpu")) == "fp32" and pick_precision("fp16", cuda) == "fp16"
     assert use_compile("auto", cuda) and not use_compile("auto", torch.device("cpu")) and use_compile("on", cuda)
+
+
+def test_deterministic_is_switched_on_and_kept_by_a_resume(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        assert run_main("--epoch", 1, *TINY, "--batch_size", 8, "--save_path", tmp_path, "--deterministic") == 0
+        assert torch.are_deterministic_algorithms_enabled()
+        assert __import__("os").environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        torch.use_deterministic_algorithms(False)
+        capsys.readouterr()
+        assert run_main("--epoch", 2, *TINY, "--batch_size", 8, "--save_path", tmp_path, "--load_path", tmp_path) == 0
+        assert "--deterministic" in capsys.readouterr().out and torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_generation_dtype_auto_is_fp32_on_the_cpu_and_half_on_gpus(monkeypatch):
+    from kogpt2.runtime import pick_precision
+
+    assert pick_precision("auto", torch.device("cpu")) == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    assert pick_precision("auto", torch.device("cuda")) == "fp16"
+    import generator
+
+    assert generator.parse_args([]).dtype == "auto"

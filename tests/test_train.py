@@ -194,6 +194,7 @@ def test_tensorboard_flag_logs_or_says_how_to_install(tmp_path, capsys):
     else:
         assert code == 0 and list((tmp_path / "tensorboard").iterdir())
 
+
 def test_interrupted_scratch_run_resumed_without_its_flags_equals_one_run(tmp_path, monkeypatch, capsys):
     """The resume names no model, rate or size: every setting whose default follows the model (a scratch model's
     learning rate, its resolved warmup, --max_len) comes from the checkpoint, so the run goes on exactly."""

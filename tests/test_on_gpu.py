@@ -1,0 +1,67 @@
+"""What only a GPU can show: a real CUDA graph captured once and equal to eager decoding, a compiled step that
+compiles once, and fp16's gradient scaler skipping an overflowing step. Run with ``pytest -m gpu`` on a machine
+with CUDA (``bench/gpu_check.py`` does); skipped elsewhere."""
+import json
+
+import pytest
+import torch
+
+from conftest import SAMPLE_CSV, run_main
+
+pytestmark = pytest.mark.gpu
+TINY = ("--data_file_path", SAMPLE_CSV, "--pretrained", "scratch:tiny", "--max_len", 64, "--seed", 1, "--device", "cuda")
+
+
+@pytest.fixture
+def cuda_model():
+    from kogpt2.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=300, n_positions=128, n_embd=64, n_layer=2, n_head=2)).cuda().eval()
+
+
+def draw(model, batch: int, static: bool) -> list[list[int]]:
+    from kogpt2.defaults import SamplingSettings
+    from kogpt2.generate import TokenList, generate_ids
+
+    samples = [TokenList() for _ in range(batch)]
+    list(generate_ids(model, [1, 5, 6], SamplingSettings(temperature=0, text_size=150), samples, static=static))
+    return [sample.ids for sample in samples]
+
+
+def test_graph_decoding_is_captured_once_and_equals_eager(cuda_model):
+    from kogpt2.decoding_step import graph_step
+
+    for _ in range(3):
+        assert draw(cuda_model, 2, True) == draw(cuda_model, 2, False)
+    step = graph_step(cuda_model, 2)
+    assert step.graph is not None and step.captures == 1
+
+
+def test_a_short_last_batch_compiles_the_step_once(tmp_path):
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    assert run_main("--epoch", 2, *TINY, "--batch_size", 7, "--compile", "on", "--precision", "bf16",
+                    "--save_path", tmp_path) == 0
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+
+
+def test_fp16_overflow_skips_the_step_and_lowers_the_scale(tmp_path, monkeypatch):
+    import kogpt2.train
+
+    calls = []
+    batch_loss_sum = kogpt2.train.batch_loss_sum
+
+    def overflow_once(*args, **kwargs):
+        loss = batch_loss_sum(*args, **kwargs)
+        calls.append(1)
+        return loss * float("inf") if len(calls) == 1 else loss
+
+    monkeypatch.setattr(kogpt2.train, "batch_loss_sum", overflow_once)
+    assert run_main("--epoch", 1, *TINY, "--batch_size", 8, "--precision", "fp16", "--save_path", tmp_path) == 0
+    scaler = torch.load(max(tmp_path.glob("KoGPT2_checkpoint_*.tar"), key=lambda p: p.stat().st_mtime),
+                        weights_only=True)["scaler"]
+    assert scaler["scale"] < 2.0 ** 16  # halved by the overflow, never doubled back within one short epoch
+    losses = [json.loads(line)["train_loss"] for line in (tmp_path / "metrics.jsonl").open()]
+    assert all(loss == loss and loss < float("inf") for loss in losses[1:])
