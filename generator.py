@@ -29,7 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "reaching this probability, in (0, 1]")
     p.add_argument("--text_size", type=integer(1), default=SAMPLING.text_size, 
                    help="샘플당 최대 새 토큰 수 / most new tokens per sample")
-    p.add_argument("--loops", type=integer(-1), default=-1,
+    p.add_argument("--loops", type=integer(-1), default=defaults.LOOPS,
                    help="끝내기 전에 답할 프롬프트 수 (-1: 그만할 때까지) / prompts to answer before exiting (-1: until quit)")
     p.add_argument("--samples", default=None,
                    help="폴더: 결과마다 설정과 함께 파일로 저장 / folder: save each result as a file with its settings")
@@ -47,10 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"--load_path가 없을 때 쓸 모델, 그리고 2020년 체크포인트의 v1 토크나이저 / model to sample when "
                         f"there is no --load_path, and the v1 tokenizer for 2020 checkpoints "
                         f"(default: {defaults.PRETRAINED})")
-    p.add_argument("--device", type=device, default="auto",
+    p.add_argument("--device", type=device, default=defaults.DEVICE,
                    help="장치: auto (cuda, mps, cpu 순), cpu, cuda, cuda:N, mps / auto (cuda, mps, cpu), cpu, cuda, "
                         "cuda:N, mps")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    p.add_argument("--dtype", default=defaults.PRECISION, choices=["auto", "fp32", "bf16", "fp16"],
                    help="생성할 때 가중치의 정밀도 (auto: bf16을 지원하는 GPU는 bf16, 오래된 GPU는 fp16, CPU는 fp32; 같은 "
                         "시드라도 bf16과 fp32는 다른 텍스트) / weights' precision for generation (auto: bf16 on GPUs "
                         "that have it, fp16 on older GPUs, fp32 on the CPU; bf16 and fp32 give different text)")
@@ -71,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "copy rate, longest run shared with the training text, distinct-1/2")
     p.add_argument("--no_copy", action="store_true",
                    help="학습 텍스트를 되풀이한 샘플은 다시 뽑기 / draw again any sample that repeats the training text")
-    p.add_argument("--copy_words", type=integer(1), default=8,
+    p.add_argument("--copy_words", type=integer(1), default=defaults.COPY_WORDS,
                    help="--no_copy: 샘플이 학습 행과 겹쳐도 되는 가장 긴 단어 수 / with --no_copy, the longest run of "
                         "words a sample may share with a training row")
     p.add_argument("--data_file_path", default=None,
@@ -100,10 +100,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="프롬프트 루프 대신 웹 페이지와 OpenAI 방식 HTTP API 제공 / serve a web page and an OpenAI-style "
                         "HTTP API instead of the prompt loop "
                         "(needs: pip install -r requirements-serve.txt)")
-    p.add_argument("--host", default="127.0.0.1",
+    p.add_argument("--host", default=defaults.HOST,
                    help="--serve: 접속을 받을 주소 (0.0.0.0은 네트워크에 공개) / with --serve: the address to listen on "
                         "(0.0.0.0 opens it to your network)")
-    p.add_argument("--port", type=integer(1), default=8000, help="--serve: 포트 / with --serve: the port")
+    p.add_argument("--port", type=integer(1), default=defaults.PORT, help="--serve: 포트 / with --serve: the port")
     args = p.parse_args(argv)
     args.given = given_flags(p, argv)
     if args.output and not args.prompts:
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     from kogpt2.errors import report_errors
 
     def work() -> int:
-        from kogpt2.prompt_loop import run
+        from kogpt2.generator import run
 
         return run(args)
 

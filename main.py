@@ -8,7 +8,7 @@ import sys
 
 from kogpt2 import defaults
 from kogpt2.arguments import Parser, device, given_flags, integer, number
-from kogpt2.scratch import DEFAULT_SIZE, SIZES
+from kogpt2.store.scratch import DEFAULT_SIZE, SIZES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -17,7 +17,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epoch", type=integer(1), default=defaults.EPOCHS,
                    help="학습할 전체 에폭 수 (이어 학습도 이 에폭까지) / total epochs of the run (a resume continues up to "
                         "this)")
-    p.add_argument("--data_file_path", default="data/sample.csv",
+    p.add_argument("--data_file_path", default=defaults.DATA_FILE,
                    help="학습 데이터: CSV/TSV (열 score,genre,sent), .txt, .jsonl / training data: a CSV or TSV "
                         "(columns score,genre,sent), a .txt or a .jsonl (see --format)")
     p.add_argument("--save_path", default=defaults.SAVE_PATH,
@@ -70,38 +70,38 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"AdamW의 최고 학습률 / peak learning rate of AdamW (default: {defaults.FINETUNE_LR} as the "
                         f"original; "
                         f"{defaults.SCRATCH_LR} for --pretrained scratch)")
-    p.add_argument("--warmup", type=integer(-1), default=-1,
+    p.add_argument("--warmup", type=integer(-1), default=defaults.WARMUP,
                    help="워밍업 스텝 수 (-1: 전체의 5%%) / warmup steps (-1: 5%% of the run)")
     p.add_argument("--max_len", type=integer(8), default=None,
                    help=f"학습 블록당 토큰 수 / tokens per training block (default: {defaults.MAX_LEN} or the "
                         f"model's context)")
-    p.add_argument("--grad_accum", type=integer(1), default=1,
+    p.add_argument("--grad_accum", type=integer(1), default=defaults.GRAD_ACCUM,
                    help="옵티마이저 스텝당 배치 수 / batches per optimizer step")
-    p.add_argument("--val_ratio", type=number(0, 0.9), default=0.1,
+    p.add_argument("--val_ratio", type=number(0, 0.9), default=defaults.VAL_RATIO,
                    help="검증용으로 떼어 둘 행의 비율 / share of rows held out for validation")
     p.add_argument("--val_file", default=None, help="--val_ratio 대신 쓸 검증 CSV / validation CSV instead of --val_ratio")
-    p.add_argument("--eval_every", type=integer(0), default=0,
+    p.add_argument("--eval_every", type=integer(0), default=defaults.EVAL_EVERY,
                    help="N 스텝마다 평가 (0: 에폭이 끝날 때마다) / evaluate every N steps (0: at each epoch end)")
-    p.add_argument("--save_every", type=integer(1), default=500,
+    p.add_argument("--save_every", type=integer(1), default=defaults.SAVE_EVERY,
                    help="N 스텝마다 (그리고 에폭이 끝날 때) 체크포인트 저장 / write a checkpoint every N steps (and at "
                         "epoch ends)")
-    p.add_argument("--keep_last", type=integer(0), default=3,
+    p.add_argument("--keep_last", type=integer(0), default=defaults.KEEP_LAST,
                    help="디스크에 남길 정기 체크포인트 수 (0: 전부) / regular checkpoints kept on disk (0: all)")
-    p.add_argument("--patience", type=integer(0), default=0,
+    p.add_argument("--patience", type=integer(0), default=defaults.PATIENCE,
                    help="N번 평가하는 동안 검증 손실이 나아지지 않으면 멈춤 (0: 끔) / stop after N evaluations without a "
                         "better validation loss (0: off)")
     p.add_argument("--tensorboard", action="store_true",
                    help="SAVE_PATH/tensorboard에도 기록 (tensorboard 필요) / also log to SAVE_PATH/tensorboard (needs "
                         "tensorboard)")
-    p.add_argument("--seed", type=integer(0), default=42,
+    p.add_argument("--seed", type=integer(0), default=defaults.SEED,
                    help="난수 시드: 인자와 시드가 같으면 같은 학습 / random seed: same arguments and seed give the same run")
-    p.add_argument("--device", type=device, default="auto",
+    p.add_argument("--device", type=device, default=defaults.DEVICE,
                    help="장치: auto (cuda, mps, cpu 순), cpu, cuda, cuda:1, mps / auto (cuda, mps, cpu), cpu, cuda, "
                         "cuda:1, mps")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    p.add_argument("--precision", default=defaults.PRECISION, choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16을 지원하는 GPU는 bf16, 구형 GPU는 fp16, CPU는 fp32 / auto: bf16 autocast on GPUs that "
                         "have it, fp16 with a gradient scaler on older GPUs (T4, V100, P100), fp32 on the CPU")
-    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+    p.add_argument("--compile", default=defaults.COMPILE, choices=["auto", "on", "off"],
                    help="학습 스텝을 torch.compile (auto: CUDA에서 켬); 컴파일이 실패하면 없이 계속 학습 / torch.compile the "
                         "training step (auto: on for CUDA); if compiling fails, training goes on without it")
     p.add_argument("--dist_timeout", type=number(above=0), default=defaults.DIST_TIMEOUT_MINUTES,

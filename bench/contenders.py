@@ -29,7 +29,7 @@ def peak_rss_gib() -> float:
 
 
 def tokenizer():
-    from kogpt2.tokenizer import load_tokenizer
+    from kogpt2.corpus.tokenizer import load_tokenizer
 
     return load_tokenizer(V2_TOKENIZER)
 
@@ -40,8 +40,8 @@ def sample_texts() -> list[str]:
 
 
 def packed_blocks(tok):
-    from kogpt2.data import tokenize_rows
-    from kogpt2.packing import pack
+    from kogpt2.corpus.reading import tokenize_rows
+    from kogpt2.corpus.packing import pack
 
     return pack(tokenize_rows(sample_texts(), tok), BLOCK, tok.pad_id)
 
@@ -56,7 +56,7 @@ def hf_model(torch):
 
 
 def our_model(torch):
-    from kogpt2.model import GPT, GPTConfig
+    from kogpt2.model.gpt import GPT, GPTConfig
 
     torch.manual_seed(0)
     return GPT(GPTConfig())
@@ -112,9 +112,9 @@ def train_ours(precision: str, compiled: bool = False) -> dict:
     """The product's own loop (Trainer) with its own allocator setting, on the same blocks."""
     import torch
 
-    from kogpt2.checkpoint import generation_payload, load_checkpoint, save_checkpoint
+    from kogpt2.store.checkpoint import generation_payload, load_checkpoint, save_checkpoint
     from kogpt2.runtime import keep_freed_memory
-    from kogpt2.train import Trainer, TrainSettings
+    from kogpt2.train.trainer import Trainer, TrainSettings
 
     keep_freed_memory()
     tok = tokenizer()
@@ -154,7 +154,7 @@ def gen_2020() -> dict:
     """Re-tokenise the whole text and run the full sequence for every new token (no KV cache)."""
     import torch
 
-    from kogpt2.sampling import sample_next
+    from kogpt2.generation.sampling import sample_next
 
     tok = tokenizer()
     model = hf_model(torch).eval()
@@ -191,8 +191,8 @@ def gen_ours(dtype: str = "fp32", num_samples: int = 1) -> dict:
     import torch
 
     from kogpt2.defaults import SamplingSettings
-    from kogpt2.generate import TextStream, TokenList, generate_ids, never_generated
-    from kogpt2.loading import DTYPES
+    from kogpt2.generation.engine import TextStream, TokenList, generate_ids, never_generated
+    from kogpt2.store.opening import DTYPES
 
     tok = tokenizer()
     model = our_model(torch).to(DTYPES[dtype]).eval()
@@ -225,8 +225,8 @@ def big_csv(path: Path, rows: int = 1_000_000) -> None:
 
 def data_load(csv_path: str) -> dict:
     """Read, tokenise and pack a CSV (the cache next to it is used if present)."""
-    from kogpt2.data import CsvColumn
-    from kogpt2.packing import pack
+    from kogpt2.corpus.reading import CsvColumn
+    from kogpt2.corpus.packing import pack
 
     start = time.perf_counter()
     tok = tokenizer()

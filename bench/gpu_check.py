@@ -33,7 +33,7 @@ TARGETS = [  # (what, measured key, other key or None, goal)
 
 
 def sizes(smoke: bool):
-    from kogpt2.model import GPTConfig
+    from kogpt2.model.gpt import GPTConfig
 
     if smoke:
         return GPTConfig(vocab_size=512, n_positions=128, n_embd=64, n_layer=2, n_head=2), {"8x512": (2, 32)}
@@ -62,9 +62,9 @@ def hf_model(config, torch):
 def train(kind: str, shape: str, compiled: bool, smoke: bool) -> dict:
     import torch
 
-    from kogpt2.model import GPT
-    from kogpt2.packing import PackedData
-    from kogpt2.train import Trainer, TrainSettings
+    from kogpt2.model.gpt import GPT
+    from kogpt2.corpus.packing import PackedData
+    from kogpt2.train.trainer import Trainer, TrainSettings
 
     config, shapes = sizes(smoke)
     batch, block = shapes[shape]
@@ -115,8 +115,8 @@ def decode(kind: str, batch: int, smoke: bool, static_compile: bool = False) -> 
     import torch
 
     from kogpt2.defaults import SamplingSettings
-    from kogpt2.generate import TokenList, generate_ids
-    from kogpt2.model import GPT
+    from kogpt2.generation.engine import TokenList, generate_ids
+    from kogpt2.model.gpt import GPT
 
     config, _ = sizes(smoke)
     device, sync = device_and_sync(torch)

@@ -6,8 +6,8 @@ from importlib import import_module
 
 from .errors import KoGPT2Error
 
-_LAZY = {"GPT": ".model", "GPTConfig": ".model", "load_pretrained": ".loading", "open_model": ".loading",
-         "TextSampler": ".generate", "Tokenizer": ".tokenizer"}
+_LAZY = {"GPT": ".model.gpt", "GPTConfig": ".model.config", "load_pretrained": ".store.opening",
+         "open_model": ".store.opening", "TextSampler": ".generation.engine", "Tokenizer": ".corpus.tokenizer"}
 __all__ = ["GPT", "GPTConfig", "KoGPT2Error", "TextSampler", "Tokenizer", "load_pretrained", "open_model"]
 
 

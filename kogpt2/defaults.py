@@ -18,6 +18,7 @@ TXT_UNITS = ("auto", "line", "paragraph")
 TXT_UNIT = "auto"  # paragraphs if blank lines separate blocks of several lines (see below), else lines
 TXT_PARAGRAPH_LINES = 10  # auto: longer blocks on average are lines with stray blank lines between, not paragraphs
 SAVE_PATH = "checkpoint/"
+DATA_FILE = "data/sample.csv"
 
 EPOCHS = 5
 BATCH_SIZE = 4
@@ -25,6 +26,23 @@ MAX_LEN = 256  # tokens per training block, or the model's context if shorter
 FINETUNE_LR = 3e-5  # the original's
 SCRATCH_LR = 1e-3  # a fresh small model learns nothing at a fine-tuning rate
 DIST_TIMEOUT_MINUTES = 10.0  # torchrun: what NCCL itself waits by default
+WARMUP = -1  # optimizer steps; -1: 5% of the run
+GRAD_ACCUM = 1
+WEIGHT_DECAY = 0.01
+CLIP = 1.0  # gradient norm
+VAL_RATIO = 0.1
+EVAL_EVERY = 0  # optimizer steps; 0: at each epoch end
+SAVE_EVERY = 500
+KEEP_LAST = 3
+PATIENCE = 0  # evaluations without a better validation loss; 0: never stop early
+SEED = 42
+DEVICE = "auto"  # cuda, mps, else cpu
+PRECISION = "auto"  # training: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on the CPU; generation alike
+COMPILE = "auto"  # on for CUDA
+EVAL_SPLIT = "all"
+COPY_WORDS = 8  # --no_copy: the longest run of words a sample may share with a training row
+HOST = "127.0.0.1"  # --serve: this computer only
+PORT = 8000
 
 
 @dataclass(frozen=True)
@@ -72,6 +90,7 @@ class SamplingSettings:
 
 SAMPLING = SamplingSettings()
 NUM_SAMPLES = 1
+LOOPS = -1  # prompts to answer before exiting; -1: until quit
 # Chat answers: short, varied, and without the loops a plain sampler falls into on a small chat corpus.
 CHAT_SAMPLING = SamplingSettings(temperature=0.8, top_k=40, top_p=0.9, repetition_penalty=1.2, text_size=64)
 
@@ -79,3 +98,7 @@ CHAT_SAMPLING = SamplingSettings(temperature=0.8, top_k=40, top_p=0.9, repetitio
 TRAINING_SAMPLE_PHRASE = "우리"
 TRAINING_SAMPLE_QUESTION = "오늘 뭐 하고 놀까?"  # chat runs answer this instead
 TRAINING_SAMPLE = SamplingSettings(temperature=0.8, top_k=40, top_p=0.95, text_size=40)
+
+# The HTTP API's bounds on one request.
+MAX_TOKENS = 2048
+MAX_SAMPLES = 16

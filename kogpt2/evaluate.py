@@ -10,7 +10,8 @@ import math
 import sys
 
 from .arguments import Parser, device, integer
-from .defaults import DATA_FORMATS, PRETRAINED, TEXT_COLUMN, TXT_UNITS
+from .defaults import (BATCH_SIZE, DATA_FORMATS, DEVICE, EVAL_SPLIT, PRECISION, PRETRAINED, SEED, TEXT_COLUMN,
+                       TXT_UNITS, VAL_RATIO)
 from .errors import KoGPT2Error, report_errors
 
 
@@ -24,7 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data_file_path", default=None,
                         help="텍스트 열이 있는 CSV, .txt, .jsonl / CSV or TSV with the text column, a .txt or a "
                              ".jsonl (default: the file the checkpoint was trained on)")
-    parser.add_argument("--split", default="all", choices=["all", "val"],
+    parser.add_argument("--split", default=EVAL_SPLIT, choices=["all", "val"],
                         help="all: CSV의 모든 행; val: 학습 때 검증용으로 떼어 둔 행만 / all: every row of the CSV; val: "
                              "only the rows the run held out for validation (the "
                              "log's val_ppl; rows it trained on score lower)")
@@ -41,14 +42,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "the run read its own file, else auto)")
     parser.add_argument("--max_len", type=integer(8), default=None,
                         help="블록 크기 / block size (default: the checkpoint's training one, else 256)")
-    parser.add_argument("--batch_size", type=integer(1), default=4,
+    parser.add_argument("--batch_size", type=integer(1), default=BATCH_SIZE,
                         help="한 번에 계산할 블록 수 / blocks per forward pass")
     parser.add_argument("--no_cache", action="store_true",
                         help="CSV의 토큰 캐시를 읽지도 쓰지도 않음 / do not read or write the CSV's token cache")
-    parser.add_argument("--device", type=device, default="auto",
+    parser.add_argument("--device", type=device, default=DEVICE,
                         help="장치: auto (cuda, mps, cpu 순), cpu, cuda, cuda:N, mps / auto (cuda, mps, cpu), cpu, "
                              "cuda, cuda:N, mps")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    parser.add_argument("--precision", default=PRECISION, choices=["auto", "fp32", "bf16", "fp16"],
                         help="auto: bf16을 지원하는 GPU는 bf16, 구형 GPU는 fp16, CPU는 fp32 / auto: bf16 autocast on "
                              "GPUs that have it, fp16 on older GPUs, fp32 on the CPU")
     return parser.parse_args(argv)
@@ -67,12 +68,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def perplexity_of(args: argparse.Namespace) -> tuple[float, int, str]:
-    from .data import open_like_run
+    from .store.checkpoint import open_like_run
     from .defaults import ANSWER_COLUMN, MAX_LEN, QUESTION_COLUMN
-    from .loading import open_model
-    from .packing import Corpus
+    from .store.opening import open_model
+    from .corpus.packing import Corpus
     from .runtime import pick_device, pick_precision
-    from .steps import evaluate
+    from .train.batch_loss import evaluate
 
     device = pick_device(args.device)
     opened = open_model(args.load_path, args.pretrained, device, "fp32")
@@ -92,12 +93,12 @@ def perplexity_of(args: argparse.Namespace) -> tuple[float, int, str]:
     csv = open_like_run(path, args.encoding, args.format, args.txt_unit, record)
     if args.split == "val" and not recorded.get("val_file") and record.data_sha256 not in (None, csv.sha256):
         raise KoGPT2Error(f"{path} changed since the checkpoint was trained on it: its validation rows are unknown")
-    chat = record is not None and record.mode == "chat"  # answers only, as the run's val_ppl
+    chat = opened.chat  # answers only, as the run's val_ppl
     corpus = Corpus(csv, args.column or (record.column if record and record.column and not chat else TEXT_COLUMN),
                     chat, recorded.get("question_column", QUESTION_COLUMN), recorded.get("answer_column", ANSWER_COLUMN),
-                    not args.no_cache, recorded.get("seed", 42), recorded.get("dialogue_column"))
+                    not args.no_cache, recorded.get("seed", SEED), recorded.get("dialogue_column"))
     if args.split == "val" and not recorded.get("val_file"):
-        _, data = corpus.pack(tokenizer, max_len, recorded.get("val_ratio", 0.1))
+        _, data = corpus.pack(tokenizer, max_len, recorded.get("val_ratio", VAL_RATIO))
         if data is None:
             raise KoGPT2Error("the run held out no validation rows (too few rows, or --val_ratio 0)")
     else:

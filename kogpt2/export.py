@@ -15,14 +15,15 @@ from pathlib import Path
 import torch
 
 from .arguments import Parser
-from .checkpoint import find_checkpoint, generation_payload, is_ours, load_checkpoint, save_checkpoint, tokenizer_of
-from .chat import ChatFormat
+from .store.checkpoint import (CheckpointRecord, find_checkpoint, generation_payload, load_checkpoint, read_record,
+                               save_checkpoint, tokenizer_of, weights_of)
+from .corpus.chat_format import ChatFormat
 from .defaults import CHAT_SAMPLING, PRETRAINED, SAMPLING
 from .errors import KoGPT2Error, report_errors
-from .generate import never_generated
-from .model import GPTConfig
-from .scratch import is_scratch
-from .tokenizer import NEWLINE_V1, HFTokenizer
+from .generation.engine import never_generated
+from .model.gpt import GPTConfig
+from .store.scratch import is_scratch
+from .corpus.tokenizer import NEWLINE_V1, HFTokenizer
 
 V1_VOCAB_SIZE = 50000
 
@@ -31,7 +32,7 @@ def export_generation_file(payload: dict, target: Path, half: bool) -> None:
     save_checkpoint(target, generation_payload(payload, torch.bfloat16 if half else torch.float32))
 
 
-def export_hf_folder(payload: dict, target: Path, half: bool) -> None:
+def export_hf_folder(payload: dict, record: CheckpointRecord, target: Path, half: bool) -> None:
     """config.json, model.safetensors, tokenizer.json (+ its config), generation_config.json and a model card,
     loadable by ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained(folder)`` with no extra arguments, and
     generating like generator.py: the tokenizer adds the same start token (none for a chat model, whose examples
@@ -40,18 +41,18 @@ def export_hf_folder(payload: dict, target: Path, half: bool) -> None:
     from safetensors.torch import save_file
 
     tokenizer = tokenizer_of(payload)
-    config = GPTConfig.from_dict(payload["config"])
+    config = GPTConfig.from_dict(record.config)
     slim = generation_payload(payload, torch.bfloat16 if half else torch.float32)
     target.mkdir(parents=True, exist_ok=True)
     ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
     hf_config = {**config.to_hf(), **ids, "torch_dtype": "bfloat16" if half else "float32"}
     (target / "config.json").write_text(json.dumps(hf_config, indent=2), encoding="utf-8")
     weights = target / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in slim["model_state_dict"].items()}, str(weights), metadata={"format": "pt"})
+    save_file({k: v.contiguous() for k, v in weights_of(slim).items()}, str(weights), metadata={"format": "pt"})
     umask = os.umask(0)
     os.umask(umask)
     weights.chmod(0o666 & ~umask)  # safetensors writes it private; it is an ordinary file like the others
-    chat = payload.get("mode") == "chat"
+    chat = record.chat
     (target / "tokenizer.json").write_bytes(tokenizer_json(tokenizer, text_model=not chat))
     names = {name: tokenizer.id_to_piece(i) for name, i in
              (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id), ("pad_token", tokenizer.pad_id),
@@ -66,7 +67,7 @@ def export_hf_folder(payload: dict, target: Path, half: bool) -> None:
          "top_p": sampling.top_p, "repetition_penalty": sampling.repetition_penalty,
          "max_new_tokens": sampling.text_size, "suppress_tokens": never_generated(tokenizer)}, indent=2),
         encoding="utf-8")
-    (target / "README.md").write_text(model_card(payload, tokenizer), encoding="utf-8")
+    (target / "README.md").write_text(model_card(record, tokenizer), encoding="utf-8")
 
 
 def tokenizer_json(tokenizer, text_model: bool) -> bytes:
@@ -102,9 +103,9 @@ def keeping_the_first_space(decoder: dict | None) -> dict | None:
     return decoder
 
 
-def model_card(payload: dict, tokenizer) -> str:
+def model_card(record: CheckpointRecord, tokenizer) -> str:
     """README.md of the exported folder: what the model is and the licence it inherits."""
-    pretrained = str(payload.get("pretrained") or PRETRAINED)
+    pretrained = str(record.pretrained or PRETRAINED)
     if is_scratch(pretrained):
         origin, licence = ("trained from scratch by kogpt2-finetune on the user's own text (no KoGPT2 weights)",
                            "the licence of the training text (no KoGPT2 weights are inside)")
@@ -124,7 +125,7 @@ pipeline_tag: text-generation
 # {tokenizer.kind} GPT-2, {origin}
 
 - 라이선스 / licence: {licence}
-- 학습 데이터 / training data: {payload.get("data", {}).get("path", "unknown")}
+- 학습 데이터 / training data: {record.data_path or "unknown"}
 - 만든 도구 / made with: kogpt2-finetune (`python -m kogpt2.export`)
 
 ```python
@@ -246,13 +247,14 @@ def main(argv: list[str] | None = None) -> int:
         if path is None:
             raise KoGPT2Error(f"{args.checkpoint}: the folder has no checkpoint (KoGPT2_*.tar)")
         payload = load_checkpoint(path)
-        if not is_ours(payload):
+        record = read_record(payload, path)
+        if not record.ours:
             raise KoGPT2Error(f"{args.checkpoint} is a 2020-format checkpoint; train one step from it with main.py first")
         target = Path(args.out)
         if target.suffix == ".tar":
             export_generation_file(payload, target, args.half)
         else:
-            export_hf_folder(payload, target, args.half)
+            export_hf_folder(payload, record, target, args.half)
         print(f"written: {args.out}")
         return 0
 

@@ -11,20 +11,20 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import BEST_NAME, find_checkpoint, new_run, regular_checkpoints, run_of_file, source_record
-from .data import CsvFile
+from .store.checkpoint import BEST_NAME, find_checkpoint, new_run, regular_checkpoints, run_of_file, source_record
+from .corpus.reading import CsvFile
 from .defaults import FINETUNE_LR, MAX_LEN, SCRATCH_LR
-from .distributed import World, join, leave
+from .train.distributed import World, join, leave
 from .errors import KoGPT2Error
-from .loading import OpenedModel, open_model
-from .metrics_log import METRICS_NAME
-from .optim import steps_per_epoch, warmup_steps
-from .packing import Corpus
+from .store.opening import OpenedModel, open_checkpoint, open_model
+from .train.metrics_log import METRICS_NAME
+from .train.optim import steps_per_epoch, warmup_steps
+from .corpus.packing import Corpus
 from .plot import plot_metrics
-from .pretrained import ReleaseUnavailable
+from .store.pretrained import ReleaseUnavailable
 from .runtime import cpu_bf16_instructions, keep_freed_memory, make_deterministic, pick_device, pick_precision, use_compile
-from .scratch import is_scratch, scratch_model
-from .train import Trainer, TrainSettings
+from .store.scratch import is_scratch, scratch_model
+from .train.trainer import Trainer, TrainSettings
 
 # Settings a resume takes from the checkpoint unless given again: with them the run continues exactly.
 RESUMED_SETTINGS = ("max_len", "batch_size", "grad_accum", "lr", "warmup", "dropout", "val_ratio", "val_file", "seed",
@@ -81,7 +81,7 @@ def _start(args: argparse.Namespace, say) -> OpenedModel | None:
     if not path.exists():
         say(f"{path} does not exist yet: starting from {args.pretrained}")
         return None
-    opened = open_model(str(path), args.pretrained)
+    opened = open_checkpoint(path, args.pretrained)
     if opened.record.ours and not opened.record.resumable:
         raise KoGPT2Error(f"{path} holds a model but no training state (a file written by kogpt2.export), so a run "
                           f"cannot resume from it; start a new run from its weights: --pretrained {path}")
@@ -204,7 +204,7 @@ def _run(args: argparse.Namespace, world: World, device_name: str) -> int:
                            "chat" if args.chat else "text", run, corpus.turns)
     trainer = Trainer(model.to(device), tokenizer, train_data, val_data, settings, source, log=say, world=world)
     if resume is not None and resume.record.ours:
-        trainer.restore(resume.payload, resume.record.path)
+        trainer.restore(resume.record.training, resume.record.path)
 
     say(f"data: {plural(corpus.rows_read, 'row')} read ({train_csv.layout}), {corpus.rows_empty} empty skipped; "
         f"{train_data.rows} for training, {val_data.rows if val_data else 0} for validation; "

@@ -103,6 +103,14 @@ def write_csv(path: Path, rows: list[str], column: str = "sent") -> Path:
     return path
 
 
+def payload_and_record(path: Path) -> tuple[dict, object]:
+    """A checkpoint's contents and its record, as ``model_from_checkpoint`` takes them."""
+    from kogpt2.store.checkpoint import load_checkpoint, read_record
+
+    payload = load_checkpoint(path)
+    return payload, read_record(payload, path)
+
+
 def run_main(*argv: str) -> int:
     """main.py in this process (no second torch import): returns its exit code."""
     import main
@@ -168,7 +176,7 @@ torch.save = slow_save
 import sys, time
 sys.path.insert(0, {str(REPO)!r})
 import torch
-import kogpt2.train as train
+import kogpt2.train.trainer as train
 {slow_save}
 step = train.Trainer._step
 def slow_step(self, *args):

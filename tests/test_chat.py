@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from conftest import DIALOGUE_CSV, REPO, run_generator, run_main
-from kogpt2.chat import ChatExample, ChatFormat, conversation
-from kogpt2.checkpoint import load_checkpoint
+from kogpt2.corpus.chat_format import ChatExample, ChatFormat, conversation
+from kogpt2.store.checkpoint import load_checkpoint, read_record
 from kogpt2.errors import KoGPT2Error
-from kogpt2.loss import IGNORE_INDEX
-from kogpt2.packing import pack_examples
-from kogpt2.tokenizer import load_tokenizer
+from kogpt2.model.head_loss import IGNORE_INDEX
+from kogpt2.corpus.packing import pack_examples
+from kogpt2.corpus.tokenizer import load_tokenizer
 
 CHAT_CSV = REPO / "data" / "chat_sample.csv"
 CHAT_TRAINING = ("--chat", "--data_file_path", CHAT_CSV, "--pretrained", "scratch:tiny", "--max_len", 64,
@@ -61,7 +61,7 @@ def test_only_the_answer_and_the_end_token_are_targets(v2_tokenizer_json):
 
 
 def test_a_tokens_logits_do_not_depend_on_the_example_before_it():
-    from kogpt2.model import GPT, GPTConfig
+    from kogpt2.model.gpt import GPT, GPTConfig
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=300, n_positions=64, n_embd=48, n_layer=2, n_head=4)).eval()
@@ -115,14 +115,14 @@ def test_the_question_stays_whole_and_the_answer_gets_what_the_window_leaves(v2_
     model = SimpleNamespace(config=SimpleNamespace(n_positions=64))
     history = [("첫 질문", "첫 답"), ("둘째 질문", "둘째 답")]
     question = chat.prompt("셋째 질문", [], 64)
-    prompt, room = chat.answer_prompt("셋째 질문", history, model, 2048, 2)  # max_tokens past the window
+    prompt, room = chat.answer_prompt("셋째 질문", history, model.config.n_positions, 2048, 2)  # max_tokens past the window
     assert prompt == question and room == 64 - len(question)
-    prompt, room = chat.answer_prompt("셋째 질문", history, model, 10, 2)
+    prompt, room = chat.answer_prompt("셋째 질문", history, model.config.n_positions, 10, 2)
     assert room == 10 and prompt == chat.example(*history[0])[0] + chat.example(*history[1])[0] + question
-    assert chat.answer_prompt("셋째 질문", history, model, 10, 1)[0] == chat.example(*history[1])[0] + question
-    assert chat.answer_prompt("셋째 질문", history, model, 10, 0)[0] == question
+    assert chat.answer_prompt("셋째 질문", history, model.config.n_positions, 10, 1)[0] == chat.example(*history[1])[0] + question
+    assert chat.answer_prompt("셋째 질문", history, model.config.n_positions, 10, 0)[0] == question
     with pytest.raises(KoGPT2Error, match="leaves no room for an answer"):
-        chat.answer_prompt("아주 긴 질문 " * 30, [], model, 10, 0)
+        chat.answer_prompt("아주 긴 질문 " * 30, [], model.config.n_positions, 10, 0)
 
 
 @pytest.fixture(scope="module")
@@ -148,10 +148,10 @@ def test_a_scratch_chatbot_answers_in_hangul_and_ends_its_answers(chatbot, capsy
 def test_greedy_answers_equal_transformers_generate(chatbot, capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from kogpt2.loading import model_from_checkpoint
+    from kogpt2.store.opening import model_from_checkpoint
 
     payload = load_checkpoint(chatbot / "KoGPT2_best.tar")
-    model, tokenizer = model_from_checkpoint(payload, "chatbot")
+    model, tokenizer = model_from_checkpoint(payload, read_record(payload, "chatbot"))
     config = model.config
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=config.vocab_size, n_positions=config.n_positions, n_embd=config.n_embd,
                                     n_layer=config.n_layer, n_head=config.n_head, activation_function=config.activation,

@@ -111,7 +111,7 @@ def test_help_gives_every_flag_one_line_with_its_real_default(module):
 
 def test_slash_settings_refuse_bad_values_and_keep_the_old_one():
     from kogpt2.defaults import SAMPLING
-    from kogpt2.prompt_loop import PromptLoop
+    from kogpt2.generation.prompt_loop import PromptLoop
 
     loop = PromptLoop(sampler=None, settings=SAMPLING, seed=None)
     assert loop.command("/num_samples 0") == "/num_samples: must be at least 1" and loop.num_samples == 1
@@ -127,7 +127,7 @@ def test_slash_settings_refuse_bad_values_and_keep_the_old_one():
 
 
 def test_ctrl_d_leaves_the_shell_prompt_on_its_own_line(capsys, monkeypatch):
-    from kogpt2.prompt_loop import prompts_from
+    from kogpt2.generation.prompt_loop import prompts_from
 
     monkeypatch.setattr("sys.stdin", io.StringIO("하나\n"))  # input() reads sys.stdin, with line editing on a terminal
     assert list(prompts_from(None, True, io.StringIO())) == ["하나"]

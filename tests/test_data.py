@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from conftest import SAMPLE_CSV, TINY_TRAINING, run_generator, run_main
-from kogpt2.data import CsvColumn, CsvFile, tokenize_rows
+from kogpt2.corpus.reading import CsvColumn, CsvFile, tokenize_rows
 from kogpt2.defaults import TEXT_COLUMN
-from kogpt2.packing import Corpus, pack
+from kogpt2.corpus.packing import Corpus, pack
 
 
 def test_every_character_survives(tmp_path, v2_tokenizer_json):
-    from kogpt2.tokenizer import load_tokenizer
+    from kogpt2.corpus.tokenizer import load_tokenizer
 
     texts = ["마지막 글자까지!", "첫 줄\n둘째 줄.", "따옴표 \"안\"의, 쉼표?", "끝에 점..."]
     csv = tmp_path / "lines.csv"
@@ -70,8 +70,8 @@ def test_tokenized_rows_are_cached_in_one_file_next_to_the_csv(tmp_path, v2_toke
     import os
     import stat
 
-    import kogpt2.data as data
-    from kogpt2.tokenizer import load_tokenizer
+    import kogpt2.corpus.reading as data
+    from kogpt2.corpus.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(v2_tokenizer_json)
     csv = tmp_path / "train.csv"
@@ -113,9 +113,9 @@ def test_no_cache_neither_reads_nor_writes_it(tmp_path, capsys):
 @pytest.mark.slow
 def test_first_scratch_run_reads_and_parses_the_csv_once(tmp_path, monkeypatch):
     """The tokenizer is learnt from the rows training then uses: one read of a big CSV, not two."""
-    import kogpt2.data
+    import kogpt2.corpus.reading
 
-    decode, read, decoded, parsed = kogpt2.data.decode, kogpt2.data.CsvFile._read, [], []
+    decode, read, decoded, parsed = kogpt2.corpus.reading.decode, kogpt2.corpus.reading.CsvFile._read, [], []
 
     def counting_decode(raw, path, encoding):
         decoded.append(path)
@@ -126,8 +126,8 @@ def test_first_scratch_run_reads_and_parses_the_csv_once(tmp_path, monkeypatch):
             parsed.append(self.path)
         return read(self, nrows)
 
-    monkeypatch.setattr(kogpt2.data, "decode", counting_decode)
-    monkeypatch.setattr(kogpt2.data.CsvFile, "_read", counting_read)
+    monkeypatch.setattr(kogpt2.corpus.reading, "decode", counting_decode)
+    monkeypatch.setattr(kogpt2.corpus.reading.CsvFile, "_read", counting_read)
     csv_path = tmp_path / "fresh.csv"  # no token cache next to it yet
     shutil.copy(SAMPLE_CSV, csv_path)
     assert run_main("--epoch", 1, "--data_file_path", csv_path, "--save_path", tmp_path / "run", *TINY_TRAINING) == 0
@@ -191,8 +191,8 @@ def test_excel_unicode_text_utf16_with_bom_is_read(tmp_path, name, bom, codec):
 
 @pytest.mark.parametrize("name, content", [("lines.txt", POEM), ("rows.jsonl", '{"text": "첫 문장"}\n{"text": "둘째"}\n')])
 def test_the_token_cache_serves_text_and_json_lines_files(tmp_path, v2_tokenizer_json, monkeypatch, name, content):
-    import kogpt2.data as data
-    from kogpt2.tokenizer import load_tokenizer
+    import kogpt2.corpus.reading as data
+    from kogpt2.corpus.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(v2_tokenizer_json)
     path = tmp_path / name
@@ -242,7 +242,7 @@ def test_bad_text_and_json_lines_files_are_one_clear_line(tmp_path, capsys, name
 
 def test_a_text_file_trains_evaluates_and_reports_as_the_run_read_it(tmp_path, capsys):
     """The misleading case: a .txt with the default --column once answered "no column 'sent'"."""
-    from kogpt2.checkpoint import load_checkpoint
+    from kogpt2.store.checkpoint import load_checkpoint
     from kogpt2.evaluate import main as evaluate_main
 
     texts = [text for text in CsvColumn(SAMPLE_CSV).texts if "\n" not in text][:40]

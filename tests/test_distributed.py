@@ -8,7 +8,7 @@ import time
 import pytest
 
 from conftest import REPO, SAMPLE_CSV, run_main
-from kogpt2.checkpoint import load_checkpoint
+from kogpt2.store.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 TINY = ("--data_file_path", SAMPLE_CSV, "--pretrained", "scratch:tiny", "--max_len", "64", "--dropout", "0",
@@ -66,7 +66,7 @@ def test_one_set_of_files_that_resumes_with_one_or_two_processes(two_process_run
         assert load_checkpoint(tmp_path / run / final)["progress"]["epoch"] == 2
 
 
-SLOW_STEPS = "import time, kogpt2.train as t; s = t.Trainer._step; t.Trainer._step = lambda *a: (time.sleep(0.2), s(*a))[1]"
+SLOW_STEPS = "import time, kogpt2.train.trainer as t; s = t.Trainer._step; t.Trainer._step = lambda *a: (time.sleep(0.2), s(*a))[1]"
 
 
 def workers_of(process: subprocess.Popen) -> list[int]:
@@ -127,7 +127,7 @@ def test_a_rank_0_pause_longer_than_a_minute_does_not_abort_the_job(tmp_path):
     site.mkdir()
     (site / "sitecustomize.py").write_text(
         f"import sys\nsys.path.insert(0, {str(REPO)!r})\n"
-        "import os, time, kogpt2.train as t\ne = t.Trainer._evaluate\n"
+        "import os, time, kogpt2.train.trainer as t\ne = t.Trainer._evaluate\n"
         "t.Trainer._evaluate = lambda self: (time.sleep(65) if os.environ.get('RANK') == '0' else None, e(self))[1]\n")
     process = torchrun(*TINY, "--epoch", 1, "--batch_size", 2, "--save_path", tmp_path / "run",
                        env={**os.environ, "PYTHONPATH": str(site)})

@@ -3,11 +3,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROWS, TINY_TRAINING, run_main, write_csv
-from kogpt2.checkpoint import load_checkpoint
-from kogpt2.data import CsvColumn
-from kogpt2.packing import pack
+from kogpt2.store.checkpoint import load_checkpoint, read_record
+from kogpt2.corpus.reading import CsvColumn
+from kogpt2.corpus.packing import pack
 from kogpt2.evaluate import main as evaluate_main
-from kogpt2.loading import model_from_checkpoint
+from kogpt2.store.opening import model_from_checkpoint
 
 
 def test_perplexity_equals_the_training_log_and_a_direct_computation(tmp_path, capsys):
@@ -22,7 +22,7 @@ def test_perplexity_equals_the_training_log_and_a_direct_computation(tmp_path, c
     loss = float(printed.split("(loss ")[1].split(")")[0])
     assert abs(loss - best["progress"]["best_val_loss"]) < 1e-5
 
-    model, tokenizer = model_from_checkpoint(best, "best")
+    model, tokenizer = model_from_checkpoint(best, read_record(best, "best"))
     rows = CsvColumn(val).token_rows(tokenizer)
     data = pack(rows, 64, tokenizer.pad_id)
     with torch.no_grad():

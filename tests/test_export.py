@@ -6,10 +6,10 @@ import stat
 
 import torch
 
-from conftest import SAMPLE_CSV, TINY_TRAINING, run_generator, run_main
-from kogpt2.checkpoint import load_checkpoint
+from conftest import SAMPLE_CSV, TINY_TRAINING, run_generator, run_main, payload_and_record
+from kogpt2.store.checkpoint import load_checkpoint
 from kogpt2.export import main as export_main
-from kogpt2.loading import model_from_checkpoint
+from kogpt2.store.opening import model_from_checkpoint
 
 
 def greedy_like_the_generator(folder, model, tokenizer, hf_model, hf_tokenizer):
@@ -18,7 +18,7 @@ def greedy_like_the_generator(folder, model, tokenizer, hf_model, hf_tokenizer):
     from transformers import pipeline
 
     from kogpt2.defaults import SamplingSettings
-    from kogpt2.generate import TextSampler
+    from kogpt2.generation.engine import TextSampler
 
     sampler = TextSampler(model, tokenizer)
     generate = pipeline("text-generation", model=hf_model, tokenizer=hf_tokenizer)
@@ -52,7 +52,7 @@ def trained_and_exported(release_folder, tmp_path):
                     "--batch_size", 32, "--val_ratio", 0) == 0
     checkpoint = next(out.glob("KoGPT2_checkpoint_*.tar"))
     assert export_main([str(checkpoint), str(tmp_path / "hf")]) == 0
-    model, tokenizer = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
+    model, tokenizer = model_from_checkpoint(*payload_and_record(checkpoint))
     return (model.eval(), tokenizer, AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval(),
             AutoTokenizer.from_pretrained(tmp_path / "hf"))
 
@@ -85,7 +85,7 @@ def test_a_scratch_export_decodes_new_tokens_with_their_space(trained, tmp_path)
     from transformers import AutoTokenizer
 
     assert export_main([str(trained), str(tmp_path / "hf")]) == 0
-    _, tokenizer = model_from_checkpoint(load_checkpoint(trained / "KoGPT2_best.tar"), trained / "KoGPT2_best.tar")
+    _, tokenizer = model_from_checkpoint(*payload_and_record(trained / "KoGPT2_best.tar"))
     continuation_keeps_its_space(tokenizer, AutoTokenizer.from_pretrained(tmp_path / "hf"))
 
 

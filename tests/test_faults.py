@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 from conftest import (REPO, SAMPLE_CSV, TINY_TRAINING, TRAINED_EPOCHS, run_generator, run_main, slowed_main,
                       tiny_hf_model)
-from kogpt2.checkpoint import load_checkpoint, read_record
-from kogpt2.data import CsvColumn
+from kogpt2.store.checkpoint import load_checkpoint, read_record
+from kogpt2.corpus.reading import CsvColumn
 from kogpt2.errors import KoGPT2Error
 
 # ---- 1. crash anywhere --------------------------------------------------------------------------------------------
@@ -283,7 +283,7 @@ def load_from_hub(hub_url, hf_home, offline=False, tokenizer_only=False):
     env.pop("HF_HUB_OFFLINE", None)
     if offline:
         env["HF_HUB_OFFLINE"] = "1"
-    load = ("from kogpt2.loading import load_pretrained_tokenizer\n    print(load_pretrained_tokenizer("
+    load = ("from kogpt2.store.opening import load_pretrained_tokenizer\n    print(load_pretrained_tokenizer("
             "'skt/kogpt2-base-v2').vocab_size)" if tokenizer_only else "model, _ = load_pretrained('skt/kogpt2-base-v2')"
             "\n    print(model.config.n_embd, model.num_parameters())")
     code = (f"import sys\nfrom kogpt2 import KoGPT2Error, load_pretrained\ntry:\n    {load}\n"

@@ -9,19 +9,19 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, run_generator
-from kogpt2.checkpoint import load_checkpoint
-from kogpt2.loading import model_from_checkpoint
+from conftest import REPO, run_generator, payload_and_record
+from kogpt2.store.checkpoint import load_checkpoint
+from kogpt2.store.opening import model_from_checkpoint
 from kogpt2.defaults import SamplingSettings
-from kogpt2.generate import TextStream, TokenList, generate_ids, never_generated
-from kogpt2.generate import TextSampler
-from kogpt2.prompt_loop import PromptLoop
+from kogpt2.generation.engine import TextStream, TokenList, generate_ids, never_generated
+from kogpt2.generation.engine import TextSampler
+from kogpt2.generation.prompt_loop import PromptLoop
 
 
 @pytest.fixture(scope="module")
 def model_and_tokenizer(trained):
     path = trained / "KoGPT2_best.tar"
-    model, tokenizer = model_from_checkpoint(load_checkpoint(path), path)
+    model, tokenizer = model_from_checkpoint(*payload_and_record(path))
     return model.eval(), tokenizer
 
 
@@ -236,8 +236,8 @@ def test_a_typed_line_can_be_edited_and_recalled_in_a_terminal(trained, tmp_path
 @pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "plain"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_decoding_step_logits_equal_the_plain_forward(monkeypatch, onednn, batch):
-    import kogpt2.decoding_step as generate_module
-    from kogpt2.model import GPT, GPTConfig
+    import kogpt2.generation.decoding_step as generate_module
+    from kogpt2.model.gpt import GPT, GPTConfig
 
     if not onednn:
         monkeypatch.setattr(generate_module, "ONEDNN_LINEAR", None)
@@ -276,7 +276,7 @@ def test_the_captured_decoding_step_is_reused_across_calls(model_and_tokenizer, 
     """On CUDA a capture synchronises and empties the allocator's cache, so it happens once per model and batch size,
     not once per prompt. Counted on the CPU with a stand-in for the CUDA graph (replay reruns the captured step into
     the same output buffer)."""
-    import kogpt2.decoding_step as steps
+    import kogpt2.generation.decoding_step as steps
 
     class StandInGraph:
         def __init__(self, step):

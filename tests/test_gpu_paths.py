@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import SAMPLE_CSV, run_main
-from kogpt2.checkpoint import load_checkpoint
+from kogpt2.store.checkpoint import load_checkpoint
 
 # TINY_TRAINING without its batch size, which these runs set themselves
 TINY = ("--data_file_path", SAMPLE_CSV, "--pretrained", "scratch:tiny", "--max_len", 64, "--seed", 1, "--save_every", 7,
@@ -47,7 +47,7 @@ def test_fp16_with_a_scaler_resumes_bit_identically(tmp_path, capsys):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
-    from kogpt2.model import GPT, GPTConfig
+    from kogpt2.model.gpt import GPT, GPTConfig
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=300, n_positions=64, n_embd=48, n_layer=3, n_head=4, dropout=0.1)).train()
@@ -71,7 +71,7 @@ def test_grad_checkpoint_trains_like_the_plain_run(tmp_path):
 
 
 def test_out_of_memory_names_the_batch_and_what_to_try(tmp_path, capsys, monkeypatch):
-    import kogpt2.train
+    import kogpt2.train.trainer
 
     assert run_main("--epoch", 1, *TINY, "--batch_size", 8, "--save_path", tmp_path) == 0
     before = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.tar")}
@@ -79,7 +79,7 @@ def test_out_of_memory_names_the_batch_and_what_to_try(tmp_path, capsys, monkeyp
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(kogpt2.train, "batch_loss_sum", out_of_memory)
+    monkeypatch.setattr(kogpt2.train.trainer, "batch_loss_sum", out_of_memory)
     capsys.readouterr()
     assert run_main("--epoch", 2, *TINY, "--batch_size", 8, "--save_path", tmp_path, "--load_path", tmp_path) == 2
     err = capsys.readouterr().err.strip()
@@ -92,7 +92,7 @@ def test_out_of_memory_names_the_batch_and_what_to_try(tmp_path, capsys, monkeyp
 
 
 def test_a_failed_compile_falls_back_to_eager_with_one_line(tmp_path, capsys, monkeypatch):
-    import kogpt2.train
+    import kogpt2.train.trainer
     from torch._inductor.exc import InductorError
 
     def broken_compile(module, dynamic):
@@ -100,7 +100,7 @@ def test_a_failed_compile_falls_back_to_eager_with_one_line(tmp_path, capsys, mo
             raise InductorError(RuntimeError("no C++ compiler\nmore detail"), None)
         return forward
 
-    monkeypatch.setattr(kogpt2.train.torch, "compile", broken_compile)
+    monkeypatch.setattr(kogpt2.train.trainer.torch, "compile", broken_compile)
     assert run_main("--epoch", 1, *TINY, "--batch_size", 8, "--save_path", tmp_path, "--compile", "on") == 0
     out = capsys.readouterr().out
     assert out.count("note: torch.compile failed (InductorError: RuntimeError: no C++ compiler); "
@@ -109,14 +109,14 @@ def test_a_failed_compile_falls_back_to_eager_with_one_line(tmp_path, capsys, mo
 
 def test_a_device_error_in_the_first_compiled_step_is_not_taken_for_a_compiler_failure(tmp_path, capsys, monkeypatch):
     """A failed device assert leaves the CUDA context broken: retrying eagerly would only fail again, later."""
-    import kogpt2.train
+    import kogpt2.train.trainer
 
     def asserting_compile(module, dynamic):
         def forward(*args, **kwargs):
             raise RuntimeError("CUDA error: device-side assert triggered")
         return forward
 
-    monkeypatch.setattr(kogpt2.train.torch, "compile", asserting_compile)
+    monkeypatch.setattr(kogpt2.train.trainer.torch, "compile", asserting_compile)
     with pytest.raises(RuntimeError, match="device-side assert"):
         run_main("--epoch", 1, *TINY, "--batch_size", 8, "--save_path", tmp_path, "--compile", "on")
     assert "torch.compile failed" not in capsys.readouterr().out
@@ -125,17 +125,17 @@ def test_a_device_error_in_the_first_compiled_step_is_not_taken_for_a_compiler_f
 def test_every_compiled_step_has_the_same_shapes_and_the_losses_of_eager(tmp_path, monkeypatch, capsys):
     """A short last batch is padded with ignored rows, so the compiled step never recompiles for it; the losses are
     those of the unpadded batches."""
-    import kogpt2.train
+    import kogpt2.train.trainer
 
     shapes, losses = [], []
-    batch_loss_sum = kogpt2.train.batch_loss_sum
+    batch_loss_sum = kogpt2.train.trainer.batch_loss_sum
 
     def recording(model, batch, device, precision):
         shapes.append(tuple(batch.inputs.shape))
         return batch_loss_sum(model, batch, device, precision)
 
-    monkeypatch.setattr(kogpt2.train, "batch_loss_sum", recording)
-    monkeypatch.setattr(kogpt2.train.torch, "compile", lambda module, dynamic: module)  # the shapes, not the compiler
+    monkeypatch.setattr(kogpt2.train.trainer, "batch_loss_sum", recording)
+    monkeypatch.setattr(kogpt2.train.trainer.torch, "compile", lambda module, dynamic: module)  # the shapes, not the compiler
     for name in ("off", "on"):
         shapes.clear()
         assert run_main("--epoch", 1, *TINY, "--batch_size", 7, "--save_path", tmp_path / name, "--compile", name,
@@ -150,7 +150,7 @@ def test_every_compiled_step_has_the_same_shapes_and_the_losses_of_eager(tmp_pat
 @pytest.mark.parametrize("mode", ["text", "chat", "grad_checkpoint"])
 def test_the_compiled_training_step_is_one_graph(mode):
     """What CUDA runs compiled: one graph, no breaks (a break splits the step and costs a recompile per piece)."""
-    from kogpt2.model import GPT, GPTConfig
+    from kogpt2.model.gpt import GPT, GPTConfig
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=300, n_positions=64, n_embd=48, n_layer=2, n_head=4)).train()
@@ -163,8 +163,8 @@ def test_the_compiled_training_step_is_one_graph(mode):
 
 def test_a_global_batch_smaller_than_the_world_gives_every_rank_rows():
     """Flash attention rejects a batch of 0 rows: a rank whose share is empty gets an ignored row instead."""
-    from kogpt2.train import shard
-    from kogpt2.packing import PackedData
+    from kogpt2.train.trainer import shard
+    from kogpt2.corpus.packing import PackedData
 
     blocks = torch.randint(10, 300, (3, 9))
     data = PackedData(blocks, torch.full((3,), 8), 3, 0, 24)

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kogpt2.loss as loss_module
-from kogpt2.loss import IGNORE_INDEX, linear_cross_entropy
+import kogpt2.model.head_loss as loss_module
+from kogpt2.model.head_loss import IGNORE_INDEX, linear_cross_entropy
 
 
 @pytest.mark.parametrize("chunk_elements", [10_000, 8 * 2**20, None])  # many chunks, one, the GPU's plain path

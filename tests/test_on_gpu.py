@@ -14,7 +14,7 @@ TINY = ("--data_file_path", SAMPLE_CSV, "--pretrained", "scratch:tiny", "--max_l
 
 @pytest.fixture
 def cuda_model():
-    from kogpt2.model import GPT, GPTConfig
+    from kogpt2.model.gpt import GPT, GPTConfig
 
     torch.manual_seed(0)
     return GPT(GPTConfig(vocab_size=300, n_positions=128, n_embd=64, n_layer=2, n_head=2)).cuda().eval()
@@ -22,7 +22,7 @@ def cuda_model():
 
 def draw(model, batch: int, static: bool) -> list[list[int]]:
     from kogpt2.defaults import SamplingSettings
-    from kogpt2.generate import TokenList, generate_ids
+    from kogpt2.generation.engine import TokenList, generate_ids
 
     samples = [TokenList() for _ in range(batch)]
     list(generate_ids(model, [1, 5, 6], SamplingSettings(temperature=0, text_size=150), samples, static=static))
@@ -30,7 +30,7 @@ def draw(model, batch: int, static: bool) -> list[list[int]]:
 
 
 def test_graph_decoding_is_captured_once_and_equals_eager(cuda_model):
-    from kogpt2.decoding_step import graph_step
+    from kogpt2.generation.decoding_step import graph_step
 
     for _ in range(3):
         assert draw(cuda_model, 2, True) == draw(cuda_model, 2, False)
@@ -48,17 +48,17 @@ def test_a_short_last_batch_compiles_the_step_once(tmp_path):
 
 
 def test_fp16_overflow_skips_the_step_and_lowers_the_scale(tmp_path, monkeypatch):
-    import kogpt2.train
+    import kogpt2.train.trainer
 
     calls = []
-    batch_loss_sum = kogpt2.train.batch_loss_sum
+    batch_loss_sum = kogpt2.train.trainer.batch_loss_sum
 
     def overflow_once(*args, **kwargs):
         loss = batch_loss_sum(*args, **kwargs)
         calls.append(1)
         return loss * float("inf") if len(calls) == 1 else loss
 
-    monkeypatch.setattr(kogpt2.train, "batch_loss_sum", overflow_once)
+    monkeypatch.setattr(kogpt2.train.trainer, "batch_loss_sum", overflow_once)
     assert run_main("--epoch", 1, *TINY, "--batch_size", 8, "--precision", "fp16", "--save_path", tmp_path) == 0
     scaler = torch.load(max(tmp_path.glob("KoGPT2_checkpoint_*.tar"), key=lambda p: p.stat().st_mtime),
                         weights_only=True)["scaler"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from conftest import REPO, run_main
-from kogpt2.checkpoint import checkpoint_name, load_checkpoint, rotate, save_checkpoint
+from kogpt2.store.checkpoint import checkpoint_name, load_checkpoint, rotate, save_checkpoint
 from test_scratch import quickstart_commands
 
 

@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from kogpt2.sampling import (apply_repetition_penalty, apply_temperature, block_repeated_ngrams, sample_next,
+from kogpt2.generation.sampling import (apply_repetition_penalty, apply_temperature, block_repeated_ngrams, sample_next,
                              top_p_filter)
 
 NEG = float("-inf")

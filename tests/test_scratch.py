@@ -10,12 +10,12 @@ import sys
 import pytest
 
 from conftest import REPO, SAMPLE_CSV
-from kogpt2.checkpoint import load_checkpoint
-from kogpt2.loading import model_from_checkpoint
+from kogpt2.store.checkpoint import load_checkpoint, read_record
+from kogpt2.store.opening import model_from_checkpoint
 from kogpt2.errors import KoGPT2Error
-from kogpt2.scratch import scratch_size, train_tokenizer, vocab_size_for
-from kogpt2.generate import TextSampler
-from kogpt2.prompt_loop import PromptLoop
+from kogpt2.store.scratch import scratch_size, train_tokenizer, vocab_size_for
+from kogpt2.generation.engine import TextSampler
+from kogpt2.generation.prompt_loop import PromptLoop
 from kogpt2.defaults import SamplingSettings
 
 
@@ -53,7 +53,7 @@ def test_tiny_model_learns_the_sample(trained):
     assert payload["progress"]["best_val_loss"] < 0.7 * uniform
     assert min(m["val_loss"] for m in metrics if "val_loss" in m) == payload["progress"]["best_val_loss"]
 
-    model, tokenizer = model_from_checkpoint(payload, "best")
+    model, tokenizer = model_from_checkpoint(payload, read_record(payload, "best"))
     corpus = "\n".join(training_texts())
     loop = PromptLoop(TextSampler(model.eval(), tokenizer), SamplingSettings(temperature=0, text_size=30), seed=0,
                       out=open("/dev/null", "w"))

@@ -3,7 +3,7 @@ equals plain autograd's, with gradient accumulation too, and never overwrites an
 import pytest
 import torch
 
-from kogpt2.model import GPT, GPTConfig
+from kogpt2.model.gpt import GPT, GPTConfig
 
 CONFIG = GPTConfig(vocab_size=300, n_positions=64, n_embd=48, n_layer=2, n_head=4, dropout=0.0)
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import REPO, SAMPLE_CSV, TINY_TRAINING, TRAINED_EPOCHS, run_generator, run_main, slowed_main
-from kogpt2.checkpoint import load_checkpoint
-from kogpt2.data import CsvColumn
+from kogpt2.store.checkpoint import load_checkpoint
+from kogpt2.corpus.reading import CsvColumn
 
 def start_slow_main(*argv) -> subprocess.Popen:
     """main.py in a real separate process, each step slowed so it can be killed in the middle of training."""
@@ -198,7 +198,7 @@ def test_tensorboard_flag_logs_or_says_how_to_install(tmp_path, capsys):
 def test_interrupted_scratch_run_resumed_without_its_flags_equals_one_run(tmp_path, monkeypatch, capsys):
     """The resume names no model, rate or size: every setting whose default follows the model (a scratch model's
     learning rate, its resolved warmup, --max_len) comes from the checkpoint, so the run goes on exactly."""
-    from kogpt2.train import Trainer
+    from kogpt2.train.trainer import Trainer
 
     args = ("--epoch", 2, "--data_file_path", SAMPLE_CSV)
     assert run_main(*args, *TINY_TRAINING, "--save_path", tmp_path / "straight") == 0

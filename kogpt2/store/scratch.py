@@ -9,11 +9,11 @@ import math
 
 from typing import TYPE_CHECKING
 
-from .errors import KoGPT2Error
-from .tokenizer import NEWLINE_V1, SentencePieceTokenizer
+from ..errors import KoGPT2Error
+from ..corpus.tokenizer import NEWLINE_V1, SentencePieceTokenizer
 
 if TYPE_CHECKING:
-    from .model import GPT
+    from ..model.gpt import GPT
 
 SIZES = {  # name: (n_embd, n_layer, n_head, n_positions)
     "tiny": (64, 2, 2, 256),
@@ -62,7 +62,7 @@ def train_tokenizer(texts: list[str], vocab_size: int | None = None) -> Sentence
 
 
 def scratch_model(source: str, texts: list[str], vocab_size: int | None = None) -> tuple["GPT", SentencePieceTokenizer]:
-    from .model import GPT, GPTConfig
+    from ..model.gpt import GPT, GPTConfig
 
     tokenizer = train_tokenizer(texts, vocab_size)
     n_embd, n_layer, n_head, n_positions = SIZES[scratch_size(source)]

@@ -10,10 +10,10 @@ from functools import cached_property, partial
 import numpy as np
 import torch
 
-from .chat import ChatExample, ChatFormat, read_pairs
-from .data import CsvColumn, CsvFile, TokenizedRows
-from .errors import KoGPT2Error
-from .loss import IGNORE_INDEX
+from .chat_format import ChatExample, ChatFormat, read_pairs
+from .reading import CsvColumn, CsvFile, TokenizedRows
+from ..errors import KoGPT2Error
+from ..model.head_loss import IGNORE_INDEX
 from .tokenizer import Tokenizer
 
 

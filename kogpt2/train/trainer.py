@@ -10,38 +10,39 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (BEST_NAME, checkpoint_name, link_checkpoint, remove_stale_temporaries, resume_hint, rotate,
+from ..store.checkpoint import (BEST_NAME, TrainingState, checkpoint_name, link_checkpoint, remove_stale_temporaries, resume_hint, rotate,
                          save_checkpoint, training_payload)
-from .defaults import BATCH_SIZE, FINETUNE_LR, TRAINING_SAMPLE_PHRASE
+from ..defaults import (BATCH_SIZE, CLIP, EPOCHS, EVAL_EVERY, FINETUNE_LR, GRAD_ACCUM, KEEP_LAST, PATIENCE, SAVE_EVERY,
+                       SAVE_PATH, SEED, TRAINING_SAMPLE_PHRASE, WARMUP, WEIGHT_DECAY)
 from .distributed import World
-from .errors import KoGPT2Error
-from .generate import fixed_sample
-from .hf_layout import hf_state_dict
+from ..errors import KoGPT2Error
+from ..generation.engine import fixed_sample
+from ..model.hf_layout import hf_state_dict
 from .metrics_log import MetricsLog
-from .model import GPT
+from ..model.gpt import GPT
 from .optim import learning_rate, make_optimizer, steps_per_epoch
-from .loss import IGNORE_INDEX
-from .packing import Batch, PackedData, epoch_order
-from .runtime import sum_dtype
-from .steps import batch_loss_sum, evaluate
-from .stop import StopRequest
-from .tokenizer import Tokenizer
+from ..model.head_loss import IGNORE_INDEX
+from ..corpus.packing import Batch, PackedData, epoch_order
+from ..runtime import sum_dtype
+from .batch_loss import batch_loss_sum, evaluate
+from .safe_stop import StopRequest
+from ..corpus.tokenizer import Tokenizer
 
 @dataclass
 class TrainSettings:
-    save_path: str = "checkpoint"
-    epochs: int = 1
+    save_path: str = SAVE_PATH
+    epochs: int = EPOCHS
     batch_size: int = BATCH_SIZE
-    grad_accum: int = 1
+    grad_accum: int = GRAD_ACCUM
     lr: float = FINETUNE_LR
-    warmup: int = -1  # optimizer steps; -1: 5% of the run
-    weight_decay: float = 0.01
-    clip: float = 1.0
-    eval_every: int = 0  # optimizer steps; 0: at each epoch end
-    save_every: int = 500
-    keep_last: int = 3
-    patience: int = 0  # evaluations without a better validation loss before stopping; 0: never stop early
-    seed: int = 42
+    warmup: int = WARMUP  # optimizer steps; -1: 5% of the run
+    weight_decay: float = WEIGHT_DECAY
+    clip: float = CLIP
+    eval_every: int = EVAL_EVERY  # optimizer steps; 0: at each epoch end
+    save_every: int = SAVE_EVERY
+    keep_last: int = KEEP_LAST
+    patience: int = PATIENCE  # evaluations without a better validation loss before stopping; 0: never stop early
+    seed: int = SEED
     precision: str = "fp32"  # fp32, bf16 (autocast) or fp16 (autocast with a gradient scaler)
     compile: bool = False  # torch.compile the training forward (falls back to eager if compiling fails)
     grad_checkpoint: bool = False  # recompute each block's activations in the backward pass: less memory
@@ -88,7 +89,7 @@ class Trainer:
         model.plain_autograd = settings.compile
         self.forward_model = torch.compile(self.eager_model, dynamic=False) if settings.compile else self.eager_model
         self.compile_checked = not settings.compile
-        self.optimizer = make_optimizer(model, settings)
+        self.optimizer = make_optimizer(list(model.parameters()), settings.lr, settings.weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=settings.precision == "fp16")
         self.progress = Progress()
         self.save_path = Path(settings.save_path)
@@ -116,24 +117,27 @@ class Trainer:
             model_state=hf_state_dict(self.model), optimizer_state=self.optimizer.state_dict(),
             config=self.model.config.to_dict(), tokenizer=self.tokenizer, progress=asdict(self.progress),
             schedule={"total_steps": self.total_steps,
-                      "lr": learning_rate(self.progress.step, self.settings, self.total_steps)},
+                      "lr": self.learning_rate(self.progress.step)},
             settings=asdict(self.settings), rng={**rng_per_rank[0], "per_rank": rng_per_rank},
             scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
             data_fingerprint=self.train_data.fingerprint, source=self.source)
 
-    def restore(self, payload: dict, path: Path | None = None) -> None:
+    def learning_rate(self, step: int) -> float:
+        return learning_rate(step, self.settings.lr, self.settings.warmup, self.total_steps)
+
+    def restore(self, state: TrainingState, path: Path | None = None) -> None:
         """Continue a run exactly: optimizer moments, counters, position in the epoch and random state."""
         self.resumed_from = path
-        self.optimizer.load_state_dict(payload["optimizer_state_dict"])
-        if self.scaler.is_enabled() and payload.get("scaler"):
-            self.scaler.load_state_dict(payload["scaler"])
-        self.progress = Progress(**payload["progress"])
-        per_rank = payload["rng"].get("per_rank", [payload["rng"]])
+        self.optimizer.load_state_dict(state.optimizer)
+        if self.scaler.is_enabled() and state.scaler:
+            self.scaler.load_state_dict(state.scaler)
+        self.progress = Progress(**state.progress)
+        per_rank = state.rng_per_rank
         rng = per_rank[self.world.rank] if len(per_rank) == self.world.size else per_rank[0]  # exact for the same N
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
-        if payload.get("data_fingerprint") != self.train_data.fingerprint:
+        if state.data_fingerprint != self.train_data.fingerprint:
             self.log("note: the training data differ from the checkpoint's; continuing from the start of its epoch")
             self.progress.batch_in_epoch = 0
         self.last_saved_step = self.progress.step
@@ -219,7 +223,7 @@ class Trainer:
             tokens_seen += n_tokens
             tokens_per_s = tokens_seen / max(1e-9, time.perf_counter() - started)
             entry = {"step": progress.step, "epoch": progress.epoch + 1,
-                     "lr": learning_rate(progress.step - 1, settings, self.total_steps),
+                     "lr": self.learning_rate(progress.step - 1),
                      "train_loss": loss, "tokens_per_s": round(tokens_per_s, 1)}
             end_of_epoch = progress.batch_in_epoch >= len(batches)
             if end_of_epoch:
@@ -287,7 +291,7 @@ class Trainer:
     def _optimizer_step(self, group: list[torch.Tensor], stop_here: bool) -> tuple[float, int, bool]:
         settings, world = self.settings, self.world
         for param_group in self.optimizer.param_groups:
-            param_group["lr"] = learning_rate(self.progress.step, settings, self.total_steps)
+            param_group["lr"] = self.learning_rate(self.progress.step)
         total_tokens = int(sum(self.train_data.real_tokens[idx].sum() for idx in group))
         loss_sum = torch.zeros((), dtype=sum_dtype(self.device), device=self.device)
         rows = self.global_batch if settings.compile else world.size  # fixed shapes compiled; a row for every rank

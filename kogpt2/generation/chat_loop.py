@@ -1,17 +1,13 @@
-"""What ``generator.py`` does with a chat checkpoint (or ``--chat``): a conversation, each answer streamed as it is
-made and ended by the end token; piped questions get one answer a line, a file of questions a table."""
+"""The chat loop: a conversation, each answer streamed as it is made and ended where the next turn would start, with
+the history one rule keeps (``ChatFormat.answer_prompt``) and ``/reset``."""
 from __future__ import annotations
 
-import argparse
-import sys
 
-from .chat import ChatFormat, Turn, history_note, history_turns
-from .defaults import SamplingSettings
-from .generate import new_seed
-from .loading import OpenedModel
-from .model import GPT
-from .outputs import read_prompts, write_table
-from .prompt_loop import PromptLoop, converse
+from ..corpus.chat_format import ChatFormat, Turn
+from ..defaults import SamplingSettings
+from .engine import chat_sampler, new_seed
+from ..model.gpt import GPT
+from .prompt_loop import PromptLoop
 
 RESET_DONE = "history cleared / 대화 기록을 지웠습니다"
 CHAT_HELP = """settings for the next answers / 다음 답부터 적용되는 설정:
@@ -29,15 +25,15 @@ class ChatLoop(PromptLoop):
 
     def __init__(self, model: GPT, chat: ChatFormat, settings: SamplingSettings, seed: int | None,
                  history: int = 0, out=None) -> None:
-        super().__init__(chat.sampler(model), settings, seed, out=out)
+        super().__init__(chat_sampler(model, chat), settings, seed, out=out)
         self.model, self.chat, self.history_turns = model, chat, history
         self.history: list[Turn] = []
 
     def answer(self, question: str, stream: bool = True) -> tuple[str, int]:
         """The answer (printed as it is made with ``stream``) and the seed it was drawn with."""
         seed = self.seed if self.seed is not None else new_seed()
-        prompt, room = self.chat.answer_prompt(question, self.history, self.model, self.settings.text_size,
-                                               self.history_turns)
+        prompt, room = self.chat.answer_prompt(question, self.history, self.model.config.n_positions,
+                                               self.settings.text_size, self.history_turns)
         text = ""
         for piece in self.sampler.stream(prompt, self.settings.with_value("text_size", room), seed):
             text += piece.text
@@ -58,21 +54,3 @@ class ChatLoop(PromptLoop):
             self.history.clear()
             return RESET_DONE
         return super().command(line)
-
-
-def run_chat(args: argparse.Namespace, opened: OpenedModel, settings: SamplingSettings) -> None:
-    turns = history_turns(opened.record, args.history)
-    loop = ChatLoop(opened.model, ChatFormat(opened.tokenizer), settings, args.seed, turns)
-    note = history_note(opened.record, turns)
-    if note:
-        print(note, file=sys.stderr)
-    if args.prompts:
-        rows = []
-        for question in read_prompts(args.prompts, args.question_column, args.encoding):
-            answer, seed = loop.answer(question, stream=not args.output)
-            rows.append({"Q": question, "A": answer, **settings.to_dict(), "seed": seed})
-        if args.output:
-            write_table(args.output, rows)
-            print(f"{len(rows)} answers written to {args.output}")
-        return
-    converse(loop, args.tmp_sent, args.loops, loop.answer, ask="user > ")

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import KeptWriteErrors, KoGPT2Error, write_error, writing
-from .tokenizer import Tokenizer, tokenizer_from_bytes
+from ..corpus.reading import CsvFile
+from ..corpus.tokenizer import Tokenizer, tokenizer_from_bytes
+from ..defaults import DATA_FORMAT, TXT_UNIT
+from ..errors import KeptWriteErrors, KoGPT2Error, write_error, writing
 
 FORMAT_VERSION = 1
 NAME = re.compile(r"^KoGPT2_checkpoint_(\d+)\.tar$")
@@ -172,12 +174,24 @@ def tokenizer_of(payload: dict) -> Tokenizer | None:
 
 
 @dataclass(frozen=True)
+class TrainingState:
+    """What continues a run exactly, as a resume reads it."""
+
+    optimizer: dict
+    scaler: dict | None  # fp16 runs only
+    progress: dict  # the fields of the trainer's Progress
+    rng_per_rank: list[dict]  # torch (and CUDA) random state of each torchrun rank
+    data_fingerprint: str | None
+
+
+@dataclass(frozen=True)
 class CheckpointRecord:
     """What readers need to know about a checkpoint, so none of them reads its keys by name."""
 
     path: Path
     ours: bool  # written by kogpt2-finetune; False: a 2020 checkpoint (weights and optimizer only)
-    resumable: bool  # holds the training state (optimizer, progress, random state); export files do not
+    training: TrainingState | None  # None: nothing to resume (a file written by kogpt2.export, a 2020 checkpoint)
+    config: dict | None  # GPTConfig fields; None: a 2020 checkpoint (its weights tell the shape)
     step: int
     epoch: int
     mode: str  # "text" or "chat"
@@ -189,17 +203,35 @@ class CheckpointRecord:
     args: dict = field(default_factory=dict)
     chat_turns: int = 1  # the most question/answer turns in one training example (more than 1: dialogues)
 
+    @property
+    def resumable(self) -> bool:
+        return self.training is not None
+
+    @property
+    def chat(self) -> bool:
+        """A chatbot's checkpoint (``--chat``): generator.py opens a chat, exports end answers at ``<usr>``."""
+        return self.mode == "chat"
+
 
 def read_record(payload: dict, path: str | Path) -> CheckpointRecord:
     data = payload.get("data", {})
     progress = payload.get("progress", {})
+    resumable = is_ours(payload) and "optimizer_state_dict" in payload and "rng" in payload
+    training = TrainingState(
+        optimizer=payload["optimizer_state_dict"], scaler=payload.get("scaler"), progress=payload["progress"],
+        rng_per_rank=payload["rng"].get("per_rank", [payload["rng"]]),
+        data_fingerprint=payload.get("data_fingerprint")) if resumable else None
     return CheckpointRecord(
-        path=Path(path), ours=is_ours(payload),
-        resumable=is_ours(payload) and "optimizer_state_dict" in payload and "rng" in payload,
+        path=Path(path), ours=is_ours(payload), training=training, config=payload.get("config"),
         step=int(progress.get("step", payload.get("train_no", 0))), epoch=int(progress.get("epoch", payload.get("epoch", 0))),
         mode=payload.get("mode", "text"), data_path=data.get("path"), data_sha256=data.get("sha256"),
         column=data.get("column"), pretrained=payload.get("pretrained"), run=run_of(payload),
         args=dict(payload.get("args", {})), chat_turns=int(payload.get("chat_turns", 1)))
+
+
+def weights_of(payload: dict) -> dict[str, torch.Tensor]:
+    """The model's weights, in the ``GPT2LMHeadModel`` layout."""
+    return payload["model_state_dict"]
 
 
 def new_run() -> str:
@@ -292,3 +324,12 @@ def regular_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     """``KoGPT2_checkpoint_<step>.tar`` files in ``folder``, oldest step first."""
     found = [(int(m.group(1)), p) for p in folder.glob("KoGPT2_checkpoint_*.tar") if (m := NAME.match(p.name))]
     return sorted(found)
+
+
+def open_like_run(path: str | Path, encoding: str | None, data_format: str | None, txt_unit: str | None,
+                  record: CheckpointRecord | None) -> CsvFile:
+    """``path`` read as ``data_format``/``txt_unit`` say, else as the run of ``record`` read it when it is that run's
+    training or validation file (its --format and --txt_unit need not be given again), else by its suffix."""
+    run = record.args if record is not None and str(path) in (record.data_path, record.args.get("val_file")) else {}
+    return CsvFile(path, encoding, data_format or run.get("format", DATA_FORMAT),
+                   txt_unit or run.get("txt_unit", TXT_UNIT))

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .server import MAX_SAMPLES, MAX_TOKENS
+from ..defaults import MAX_SAMPLES, MAX_TOKENS
 
 
 class SamplingFields(BaseModel):

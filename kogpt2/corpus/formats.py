@@ -8,8 +8,8 @@ import io
 import json
 from pathlib import Path
 
-from .defaults import DATA_FORMAT, TXT_PARAGRAPH_LINES, TXT_UNIT
-from .errors import KoGPT2Error
+from ..defaults import DATA_FORMAT, TXT_PARAGRAPH_LINES, TXT_UNIT
+from ..errors import KoGPT2Error
 
 ENCODINGS = ("utf-8-sig", "cp949")  # UTF-8 (with or without BOM), then Korean Excel exports (CP949 covers EUC-KR)
 SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".txt": "txt", ".jsonl": "jsonl"}  # any other suffix: csv

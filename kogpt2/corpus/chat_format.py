@@ -8,17 +8,13 @@ API all answer from the question and the same earlier turns."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, NamedTuple
+from typing import Iterable, NamedTuple
 
-from .data import CsvFile
-from .errors import KoGPT2Error
-from .loss import IGNORE_INDEX
+from .reading import CsvFile
+from ..errors import KoGPT2Error
+from ..model.head_loss import IGNORE_INDEX
 from .tokenizer import Tokenizer
 
-if TYPE_CHECKING:
-    from .checkpoint import CheckpointRecord
-    from .generate import TextSampler
-    from .model import GPT
 
 USR, SYS = "<usr>", "<sys>"
 SYSTEM_ROLES = ("system", "developer")
@@ -66,19 +62,12 @@ class ChatFormat:
         examples.append(_example(ids, learnt, count))
         return examples
 
-    def sampler(self, model: GPT) -> TextSampler:
-        """The engine for answers: one ends where the next turn's ``<usr>`` would start, and starts at its first
-        word."""
-        from .generate import TextSampler
-
-        return TextSampler(model, self.tokenizer, stop_ids=(self.usr_id,), trim_start=True)
-
-    def answer_prompt(self, question: str, history: list[Turn], model: GPT, answer_tokens: int,
+    def answer_prompt(self, question: str, history: list[Turn], window: int, answer_tokens: int,
                       turns: int) -> tuple[list[int], int]:
         """The prompt and the answer's most tokens, by the one rule the CLI, the page and the API share: the question
         is kept whole (one that leaves no room for an answer is refused), the answer gets up to ``answer_tokens`` of
-        what the window leaves, and the last ``turns`` earlier turns fill the rest, the oldest left out first."""
-        window = model.config.n_positions
+        what the ``window`` (the model's positions) leaves, and the last ``turns`` earlier turns fill the rest, the
+        oldest left out first."""
         asked = len(self.tokenizer.encode(USR + question + SYS))
         if asked >= window:
             raise KoGPT2Error(f"the question is {asked} tokens and this model's window is {window}, which leaves no "
@@ -142,19 +131,15 @@ def conversation(messages: Iterable[tuple[str, str]]) -> Conversation:
     return Conversation(history, merged[-1][1], system)
 
 
-def trained_turns(record: CheckpointRecord | None) -> int:
-    """The most turns the model saw in one training example (1: question/answer pairs, or not our checkpoint)."""
-    return record.chat_turns if record is not None else 1
+def history_turns(trained_turns: int, requested: int | None) -> int:
+    """Earlier turns kept as context: ``requested`` (``--history``), else as many as the model learnt to use
+    (``trained_turns``: the most turns in one of its training examples, its record's ``chat_turns``)."""
+    return requested if requested is not None else trained_turns - 1
 
 
-def history_turns(record: CheckpointRecord | None, requested: int | None) -> int:
-    """Earlier turns kept as context: ``requested`` (``--history``), else as many as the model learnt to use."""
-    return requested if requested is not None else trained_turns(record) - 1
-
-
-def history_note(record: CheckpointRecord | None, turns: int) -> str | None:
+def history_note(trained_turns: int, turns: int) -> str | None:
     """One line when ``turns`` earlier turns are more than the model ever saw before a question."""
-    seen = trained_turns(record) - 1
+    seen = trained_turns - 1
     if turns <= seen:
         return None
     if seen == 0:

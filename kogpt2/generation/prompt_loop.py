@@ -1,5 +1,5 @@
-"""What ``generator.py`` does: open a model, then turn each prompt (typed, piped or from a file) into streamed,
-reproducible samples, with ``/settings`` commands between prompts."""
+"""The prompt loop: each prompt (typed, piped or from a file) turned into streamed, reproducible samples, with
+``/settings`` commands between prompts; line editing on a terminal."""
 from __future__ import annotations
 
 import argparse
@@ -7,10 +7,10 @@ import sys
 from dataclasses import fields
 from typing import Callable, TextIO
 
-from .defaults import CHAT_SAMPLING, SAMPLING, SamplingSettings
-from .errors import KoGPT2Error
-from .generate import TextSampler, new_seed
-from .outputs import Sample, read_prompts, save_sample_file, write_rows
+from ..defaults import SamplingSettings
+from ..errors import KoGPT2Error
+from .engine import TextSampler, new_seed
+from .outputs import Sample
 
 QUIT = {"", "quit", "exit", "q"}
 HELP = """settings for the next prompts / 다음 입력부터 적용되는 설정:
@@ -153,57 +153,6 @@ def settings_from(args: argparse.Namespace, base: SamplingSettings) -> SamplingS
     given = getattr(args, "given", None)
     return base.updated({f.name: getattr(args, f.name) for f in fields(SamplingSettings)
                          if f.name == "stop" or given is None or f.name in given})
-
-
-def run(args: argparse.Namespace) -> int:
-    from .loading import open_model
-    from .report import copy_check, training_text_for, write_report
-    from .runtime import pick_device, pick_precision
-
-    device = pick_device(args.device)
-    opened = open_model(args.load_path, args.pretrained, device, pick_precision(args.dtype, device))
-    opened.model.eval()
-    if args.serve:
-        from .server import serve
-
-        serve(opened, opened.source, args.host, args.port, args.history)
-        return 0
-    if args.chat or (opened.record is not None and opened.record.mode == "chat"):
-        from .chat_loop import run_chat
-
-        run_chat(args, opened, settings_from(args, CHAT_SAMPLING))
-        return 0
-    settings = settings_from(args, SAMPLING)
-    training = training_text_for(opened.record, args.data_file_path, args.column, opened.tokenizer, args.format,
-                                 args.txt_unit) if args.report or args.no_copy else None
-    loop = PromptLoop(TextSampler(opened.model, opened.tokenizer), settings, args.seed, args.num_samples,
-                      accept=copy_check(training, args.copy_words) if args.no_copy else None)
-    produced = (_batch if args.prompts else _conversation)(args, loop, opened.source)
-    if args.report:
-        write_report(args.report, produced, training, opened.source)
-    return 0
-
-
-def _batch(args: argparse.Namespace, loop: PromptLoop, source: str) -> list[Sample]:
-    prompts = read_prompts(args.prompts, args.column, args.encoding)
-    samples = [s for prompt in prompts for s in loop.run(prompt, stream=not args.output)]
-    if args.output:
-        write_rows(args.output, samples, source)
-        print(f"{len(samples)} samples written to {args.output}")
-    return samples
-
-
-def _conversation(args: argparse.Namespace, loop: PromptLoop, source: str) -> list[Sample]:
-    produced: list[Sample] = []
-
-    def respond(prompt: str) -> None:
-        for sample in loop.run(prompt):
-            produced.append(sample)
-            if args.samples:
-                save_sample_file(args.samples, sample, source)
-
-    converse(loop, args.tmp_sent, args.loops, respond)
-    return produced
 
 
 def converse(loop: PromptLoop, first: str | None, loops: int, respond: Callable[[str], object],

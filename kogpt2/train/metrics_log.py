@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from .errors import KoGPT2Error, writing
+from ..errors import KoGPT2Error, writing
 
 METRICS_NAME = "metrics.jsonl"
 

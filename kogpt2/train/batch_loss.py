@@ -6,9 +6,9 @@ from contextlib import nullcontext
 
 import torch
 
-from .model import GPT
-from .runtime import sum_dtype
-from .packing import Batch, PackedData
+from ..model.gpt import GPT
+from ..runtime import sum_dtype
+from ..corpus.packing import Batch, PackedData
 
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -8,8 +8,8 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from .kv_cache import KVCache
-from .model import GPT
+from ..model.kv_cache import KVCache
+from ..model.gpt import GPT
 
 
 def _onednn_linear():

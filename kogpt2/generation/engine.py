@@ -10,11 +10,12 @@ from typing import Protocol
 import torch
 
 from .decoding_step import DecodingStep, graph_step
-from .defaults import TRAINING_SAMPLE, TRAINING_SAMPLE_QUESTION, SamplingSettings
-from .errors import KoGPT2Error
-from .model import GPT
+from ..defaults import TRAINING_SAMPLE, TRAINING_SAMPLE_QUESTION, SamplingSettings
+from ..errors import KoGPT2Error
+from ..model.gpt import GPT
 from .sampling import apply_repetition_penalty, block_repeated_ngrams, sample_next
-from .tokenizer import Tokenizer
+from ..corpus.chat_format import ChatFormat
+from ..corpus.tokenizer import Tokenizer
 
 
 def never_generated(tokenizer: Tokenizer) -> list[int]:
@@ -287,14 +288,17 @@ class TextSampler:
         return texts
 
 
+def chat_sampler(model: GPT, chat: ChatFormat) -> TextSampler:
+    """The engine for answers: one ends where the next turn's ``<usr>`` would start, and starts at its first word."""
+    return TextSampler(model, chat.tokenizer, stop_ids=(chat.usr_id,), trim_start=True)
+
+
 def fixed_sample(model: GPT, tokenizer: Tokenizer, phrase: str, chat: bool, seed: int) -> str:
     """The short text training prints at each evaluation: a continuation of ``phrase`` or, for a chat model, the
     answer to ``TRAINING_SAMPLE_QUESTION``, drawn with the run's seed on a generator of its own."""
-    from .chat import ChatFormat
-
     if chat:
         turns = ChatFormat(tokenizer)
         prompt = turns.prompt(TRAINING_SAMPLE_QUESTION, [], model.config.n_positions)
-        return f"{TRAINING_SAMPLE_QUESTION} -> {turns.sampler(model).complete(prompt, TRAINING_SAMPLE, seed)[0]}"
+        return f"{TRAINING_SAMPLE_QUESTION} -> {chat_sampler(model, turns).complete(prompt, TRAINING_SAMPLE, seed)[0]}"
     sampler = TextSampler(model, tokenizer)
     return phrase + sampler.complete(sampler.prompt_ids(phrase), TRAINING_SAMPLE, seed)[0]

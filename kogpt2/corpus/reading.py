@@ -8,17 +8,14 @@ import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .defaults import ANSWER_COLUMN, DATA_FORMAT, JSONL_TEXT_KEY, QUESTION_COLUMN, TEXT_COLUMN, TXT_UNIT
-from .errors import KoGPT2Error
+from ..defaults import ANSWER_COLUMN, DATA_FORMAT, JSONL_TEXT_KEY, QUESTION_COLUMN, TEXT_COLUMN, TXT_UNIT
+from ..errors import KoGPT2Error
 from .formats import NEEDS, csv_table, decode, detect_format, jsonl_table, read_bytes, text_units
 from .tokenizer import Tokenizer
 
-if TYPE_CHECKING:
-    from .checkpoint import CheckpointRecord
 
 
 class CsvFile:
@@ -93,15 +90,6 @@ class CsvFile:
         if None in cells:  # a .jsonl line without the key its first line has
             raise KoGPT2Error(f"{self.path} line {cells.index(None) + 1} has no key '{name}'; every line needs it")
         return cells
-
-
-def open_like_run(path: str | Path, encoding: str | None, data_format: str | None, txt_unit: str | None,
-                  record: CheckpointRecord | None) -> CsvFile:
-    """``path`` read as ``data_format``/``txt_unit`` say, else as the run of ``record`` read it when it is that run's
-    training or validation file (its --format and --txt_unit need not be given again), else by its suffix."""
-    run = record.args if record is not None and str(path) in (record.data_path, record.args.get("val_file")) else {}
-    return CsvFile(path, encoding, data_format or run.get("format", DATA_FORMAT),
-                   txt_unit or run.get("txt_unit", TXT_UNIT))
 
 
 class CsvColumn:

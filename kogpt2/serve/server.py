@@ -19,14 +19,12 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Callable
 
-from .chat import ChatFormat, conversation, history_note, history_turns
-from .defaults import CHAT_SAMPLING, SAMPLING, SamplingSettings
-from .errors import KoGPT2Error
-from .generate import Piece, TextSampler, new_seed
-from .loading import OpenedModel
+from ..corpus.chat_format import ChatFormat, conversation, history_note, history_turns
+from ..defaults import CHAT_SAMPLING, SAMPLING, SamplingSettings
+from ..errors import KoGPT2Error
+from ..generation.engine import Piece, TextSampler, chat_sampler, new_seed
+from ..store.opening import OpenedModel
 
-MAX_TOKENS = 2048
-MAX_SAMPLES = 16
 SERVE_INSTALL = "pip install -r requirements-serve.txt  (fastapi, uvicorn)"
 
 
@@ -90,12 +88,12 @@ def create_app(opened: OpenedModel, name: str, history: int | None = None):
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
-    from .server_schema import ChatRequest, CompletionRequest, validation_message
+    from .schema import ChatRequest, CompletionRequest, validation_message
 
-    chat = opened.record is not None and opened.record.mode == "chat"
+    chat = opened.chat
     chat_format = ChatFormat(opened.tokenizer) if chat else None
-    turns = history_turns(opened.record, history)
-    sampler = chat_format.sampler(opened.model) if chat else TextSampler(opened.model, opened.tokenizer)
+    turns = history_turns(opened.chat_turns, history)
+    sampler = chat_sampler(opened.model, chat_format) if chat else TextSampler(opened.model, opened.tokenizer)
     worker = ModelWorker(sampler)
     app = FastAPI(title="kogpt2-finetune", docs_url=None, redoc_url=None)
 
@@ -112,11 +110,11 @@ def create_app(opened: OpenedModel, name: str, history: int | None = None):
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
-        return resources.files("kogpt2.web").joinpath("index.html").read_text(encoding="utf-8")
+        return resources.files("kogpt2.serve.web").joinpath("index.html").read_text(encoding="utf-8")
 
     @app.get("/app.js")
     async def script() -> Response:
-        text = resources.files("kogpt2.web").joinpath("app.js").read_text(encoding="utf-8")
+        text = resources.files("kogpt2.serve.web").joinpath("app.js").read_text(encoding="utf-8")
         return Response(text, media_type="text/javascript; charset=utf-8")
 
     @app.get("/health")
@@ -146,8 +144,8 @@ def create_app(opened: OpenedModel, name: str, history: int | None = None):
         body = request.model_dump()
         talk = conversation((m.role, m.content) for m in request.messages)
         settings = sampling_settings(body, CHAT_SAMPLING)
-        prompt_ids, room = chat_format.answer_prompt(talk.question, talk.history, opened.model, settings.text_size,
-                                                     turns)
+        prompt_ids, room = chat_format.answer_prompt(talk.question, talk.history, opened.model.config.n_positions,
+                                                     settings.text_size, turns)
         return await respond(prompt_ids, settings.with_value("text_size", room), body, "chat.completion",
                              lambda piece: {"delta": {"content": piece.text}}, chat_reply=True, note=talk.note)
 
@@ -195,12 +193,11 @@ def serve(opened: OpenedModel, name: str, host: str, port: int, history: int | N
         raise KoGPT2Error(f"--serve needs the web server packages: {SERVE_INSTALL}") from None
     listening = listening_socket(host, port)
     server = uvicorn.Server(uvicorn.Config(create_app(opened, name, history), log_level="warning"))
-    note = history_note(opened.record, history_turns(opened.record, history)) \
-        if opened.record and opened.record.mode == "chat" else None
+    note = history_note(opened.chat_turns, history_turns(opened.chat_turns, history)) if opened.chat else None
     if note:
         print(note, file=sys.stderr)
     shown = f"[{host}]" if ":" in host else host
-    print(f"serving {name} at http://{shown}:{port}/  (API: /v1/completions{', /v1/chat/completions' if opened.record and opened.record.mode == 'chat' else ''}; Ctrl-C stops)", flush=True)
+    print(f"serving {name} at http://{shown}:{port}/  (API: /v1/completions{', /v1/chat/completions' if opened.chat else ''}; Ctrl-C stops)", flush=True)
     with listening:
         server.run(sockets=[listening])
     if not server.started:

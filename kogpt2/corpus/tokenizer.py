@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from .errors import KoGPT2Error
+from ..errors import KoGPT2Error
 
 NEWLINE_V1 = "<unused0>"  # the originals encode a line break as <unused0>, since v1's normalizer drops "\n"
 

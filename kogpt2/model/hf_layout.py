@@ -5,8 +5,8 @@ import re
 
 import torch
 
-from .errors import KoGPT2Error
-from .model import GPT, GPTConfig
+from ..errors import KoGPT2Error
+from .gpt import GPT, GPTConfig
 
 _CONV1D = re.compile(r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 _BUFFERS = re.compile(r"transformer\.h\.\d+\.attn\.(bias|masked_bias)$")

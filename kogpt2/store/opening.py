@@ -7,14 +7,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (CheckpointRecord, find_checkpoint, is_ours, load_checkpoint, read_record,
-                         tokenizer_of)
-from .defaults import PRETRAINED
-from .errors import KoGPT2Error
-from .hf_layout import infer_config, load_hf_state_dict
-from .model import GPT, GPTConfig
+from .checkpoint import (CheckpointRecord, find_checkpoint, load_checkpoint, read_record, tokenizer_of,
+                         weights_of)
+from ..defaults import PRETRAINED
+from ..errors import KoGPT2Error
+from ..model.hf_layout import infer_config, load_hf_state_dict
+from ..model.gpt import GPT, GPTConfig
 from .pretrained import load_weights, locate
-from .tokenizer import Tokenizer, load_tokenizer
+from ..corpus.tokenizer import Tokenizer, load_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -25,7 +25,15 @@ class OpenedModel:
     tokenizer: Tokenizer
     source: str  # what it was opened from, for messages and output files
     record: CheckpointRecord | None  # None: a pretrained release, not a checkpoint
-    payload: dict | None  # the checkpoint's contents, for a resume
+
+    @property
+    def chat(self) -> bool:
+        return self.record is not None and self.record.chat
+
+    @property
+    def chat_turns(self) -> int:
+        """The most turns the model saw in one training example (1: question/answer pairs, or no checkpoint)."""
+        return self.record.chat_turns if self.record is not None else 1
 
 
 def model_from_weights(state: dict[str, torch.Tensor], config: GPTConfig, tokenizer: Tokenizer, source: str) -> GPT:
@@ -56,21 +64,22 @@ def load_pretrained_tokenizer(source: str) -> Tokenizer:
     return load_tokenizer(locate(source, with_weights=False).tokenizer)
 
 
-def model_from_checkpoint(payload: dict, path: str | Path, tokenizer: Tokenizer | None = None) -> tuple[GPT, Tokenizer]:
+def model_from_checkpoint(payload: dict, record: CheckpointRecord,
+                          tokenizer: Tokenizer | None = None) -> tuple[GPT, Tokenizer]:
     """The model and tokenizer a checkpoint holds. A 2020 checkpoint has no tokenizer: ``tokenizer`` (v1) is used."""
-    state = payload["model_state_dict"]
-    if is_ours(payload):
-        config = GPTConfig.from_dict(payload["config"])
+    state = weights_of(payload)
+    if record.ours:
+        config = GPTConfig.from_dict(record.config)
         tokenizer = tokenizer_of(payload)
     else:
         if tokenizer is None:
-            raise KoGPT2Error(f"{path} is a 2020-format checkpoint with no tokenizer inside; "
+            raise KoGPT2Error(f"{record.path} is a 2020-format checkpoint with no tokenizer inside; "
                               "give the v1 files with --pretrained DIR (*.params + *.spiece)")
         try:
             config = infer_config(state, activation="gelu")
         except KeyError as error:
-            raise KoGPT2Error(f"{path}: model_state_dict lacks {error}") from None
-    return model_from_weights(state, config, tokenizer, str(path)), tokenizer
+            raise KoGPT2Error(f"{record.path}: model_state_dict lacks {error}") from None
+    return model_from_weights(state, config, tokenizer, str(record.path)), tokenizer
 
 
 def is_model_file(source: str) -> bool:
@@ -79,19 +88,19 @@ def is_model_file(source: str) -> bool:
 
 
 def open_checkpoint(path: Path, pretrained: str) -> OpenedModel:
+    """A checkpoint file (ours, a 2020 one with ``pretrained``'s v1 tokenizer, or an exported one)."""
     payload = load_checkpoint(path)
-    tokenizer = None if is_ours(payload) else load_pretrained_tokenizer(pretrained)
-    model, tokenizer = model_from_checkpoint(payload, path, tokenizer)
-    return OpenedModel(model, tokenizer, str(path), read_record(payload, path), payload)
+    record = read_record(payload, path)
+    model, tokenizer = model_from_checkpoint(payload, record, None if record.ours else load_pretrained_tokenizer(pretrained))
+    return OpenedModel(model, tokenizer, str(path), record)
 
 
 def open_model(load_path: str | None, pretrained: str = PRETRAINED, device: torch.device | str = "cpu",
-               dtype: str | None = None, prefer_best: bool = True) -> OpenedModel:
-    """``load_path`` (a checkpoint, or a folder: its best, else newest, checkpoint; with ``prefer_best=False`` the
-    newest, which is what a resume wants) if given, else ``pretrained``: a release or any model file we wrote.
-    ``dtype`` (fp32, bf16, fp16) casts the weights; None keeps them as stored (training)."""
+               dtype: str | None = None) -> OpenedModel:
+    """``load_path`` (a checkpoint, or a folder: its best, else newest, checkpoint) if given, else ``pretrained``: a
+    release or any model file we wrote. ``dtype`` (fp32, bf16, fp16) casts the weights; None keeps them as stored."""
     if load_path:
-        path = find_checkpoint(load_path, prefer_best)
+        path = find_checkpoint(load_path, prefer_best=True)
         if path is None:
             raise KoGPT2Error(f"--load_path {load_path}: the folder has no checkpoint (KoGPT2_*.tar)")
         if not path.is_file():
@@ -101,6 +110,6 @@ def open_model(load_path: str | None, pretrained: str = PRETRAINED, device: torc
         opened = open_checkpoint(Path(pretrained).expanduser(), PRETRAINED)
     else:
         model, tokenizer = load_pretrained(pretrained)
-        opened = OpenedModel(model, tokenizer, pretrained, None, None)
+        opened = OpenedModel(model, tokenizer, pretrained, None)
     opened.model.to(device=device, dtype=DTYPES[dtype] if dtype else None)
     return opened

@@ -7,11 +7,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .errors import KoGPT2Error
-from .tokenizer import Tokenizer
+from ..errors import KoGPT2Error
+from ..corpus.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from .checkpoint import CheckpointRecord
+    from ..store.checkpoint import CheckpointRecord
     from .outputs import Sample
 
 SEPARATOR = "\x00"
@@ -70,7 +70,8 @@ def training_text_for(record: CheckpointRecord | None, data_file_path: str | Non
     """``--data_file_path``, else the file the checkpoint was trained on (refused if it changed since), read as the
     run read it unless ``data_format``/``txt_unit`` say otherwise. The text column is the one the checkpoint was
     trained on, else ``column``."""
-    from .data import CsvColumn, open_like_run
+    from ..corpus.reading import CsvColumn
+    from ..store.checkpoint import open_like_run
 
     recorded_path = record.data_path if record else None
     path = data_file_path or recorded_path

@@ -1,0 +1,1 @@
+"""``generator.py --serve``: the OpenAI-style HTTP API, its request schema and the web page."""
