@@ -3,14 +3,18 @@ import math
 
 import torch
 
-from kogpt2.generation.sampling import (apply_repetition_penalty, apply_temperature, block_repeated_ngrams, sample_next,
+from kogpt2.generation.sampling import (apply_repetition_penalty, block_repeated_ngrams, sample_next,
                              top_p_filter)
 
 NEG = float("-inf")
 
 
-def test_temperature_scales_logits():
-    assert torch.equal(apply_temperature(torch.tensor([[2.0, -4.0]]), 2.0), torch.tensor([[1.0, -2.0]]))
+def test_temperature_0_is_greedy_and_lower_temperatures_pick_the_top_token_more_often():
+    logits = torch.tensor([[1.0, 2.0, 1.5]])
+    assert {sample_next(logits, 0.0, 0, 1.0, torch.Generator().manual_seed(s)).item() for s in range(20)} == {1}
+    top = [sum(sample_next(logits, t, 0, 1.0, torch.Generator().manual_seed(s)).item() == 1 for s in range(400))
+           for t in (0.3, 1.0, 5.0)]
+    assert top[0] > top[1] > top[2] > 400 / 3 - 60
 
 
 def test_top_k_draws_only_among_the_k_largest():
