@@ -40,8 +40,8 @@ def sample_texts() -> list[str]:
 
 
 def packed_blocks(tok):
-    from kogpt2.corpus.reading import tokenize_rows
     from kogpt2.corpus.packing import pack
+    from kogpt2.corpus.reading import tokenize_rows
 
     return pack(tokenize_rows(sample_texts(), tok), BLOCK, tok.pad_id)
 
@@ -112,8 +112,8 @@ def train_ours(precision: str, compiled: bool = False) -> dict:
     """The product's own loop (Trainer) with its own allocator setting, on the same blocks."""
     import torch
 
-    from kogpt2.store.checkpoint import generation_payload, load_checkpoint, save_checkpoint
     from kogpt2.runtime import keep_freed_memory
+    from kogpt2.store.checkpoint import generation_payload, load_checkpoint, save_checkpoint
     from kogpt2.train.trainer import Trainer, TrainSettings
 
     keep_freed_memory()
@@ -225,8 +225,8 @@ def big_csv(path: Path, rows: int = 1_000_000) -> None:
 
 def data_load(csv_path: str) -> dict:
     """Read, tokenise and pack a CSV (the cache next to it is used if present)."""
-    from kogpt2.corpus.reading import CsvColumn
     from kogpt2.corpus.packing import pack
+    from kogpt2.corpus.reading import CsvColumn
 
     start = time.perf_counter()
     tok = tokenizer()

@@ -62,8 +62,8 @@ def hf_model(config, torch):
 def train(kind: str, shape: str, compiled: bool, smoke: bool) -> dict:
     import torch
 
-    from kogpt2.model.gpt import GPT
     from kogpt2.corpus.packing import PackedData
+    from kogpt2.model.gpt import GPT
     from kogpt2.train.trainer import Trainer, TrainSettings
 
     config, shapes = sizes(smoke)

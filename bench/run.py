@@ -66,8 +66,9 @@ def help_seconds(script: str) -> float:
 
 def first_step_seconds(csv_path: Path, folder: Path) -> float:
     """Wall time from starting main.py (token cache warm) to its 'training:' line."""
-    from transformers import GPT2Config, GPT2LMHeadModel
     import shutil
+
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     pretrained = folder / "tiny-v2"
     GPT2LMHeadModel(GPT2Config(vocab_size=51200, n_embd=64, n_layer=1, n_head=1)).save_pretrained(pretrained)

@@ -29,11 +29,11 @@ def make_checkpoint(folder: Path, smoke: bool) -> Path:
     """A generation file like `kogpt2.export --half` writes, but fp32: random weights, a real or a scratch tokenizer."""
     import torch
 
-    from kogpt2.store.checkpoint import FORMAT_VERSION, save_checkpoint, tokenizer_record
-    from kogpt2.model.hf_layout import hf_state_dict
-    from kogpt2.model.gpt import GPT, GPTConfig
-    from kogpt2.store.scratch import train_tokenizer
     from kogpt2.corpus.tokenizer import load_tokenizer
+    from kogpt2.model.gpt import GPT, GPTConfig
+    from kogpt2.model.hf_layout import hf_state_dict
+    from kogpt2.store.checkpoint import FORMAT_VERSION, save_checkpoint, tokenizer_record
+    from kogpt2.store.scratch import train_tokenizer
 
     if smoke:
         texts = (REPO / "data" / "sample.csv").read_text(encoding="utf-8").splitlines()[1:]

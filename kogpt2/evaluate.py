@@ -10,8 +10,18 @@ import math
 import sys
 
 from .arguments import Parser, device, integer
-from .defaults import (BATCH_SIZE, DATA_FORMATS, DEVICE, EVAL_SPLIT, PRECISION, PRETRAINED, SEED, TEXT_COLUMN,
-                       TXT_UNITS, VAL_RATIO)
+from .defaults import (
+    BATCH_SIZE,
+    DATA_FORMATS,
+    DEVICE,
+    EVAL_SPLIT,
+    PRECISION,
+    PRETRAINED,
+    SEED,
+    TEXT_COLUMN,
+    TXT_UNITS,
+    VAL_RATIO,
+)
 from .errors import KoGPT2Error, report_errors
 
 
@@ -68,11 +78,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def perplexity_of(args: argparse.Namespace) -> tuple[float, int, str]:
-    from .store.checkpoint import open_like_run
+    from .corpus.packing import open_corpus
     from .defaults import ANSWER_COLUMN, MAX_LEN, QUESTION_COLUMN
-    from .store.opening import open_model
-    from .corpus.packing import Corpus
     from .runtime import pick_device, pick_precision
+    from .store.checkpoint import open_like_run
+    from .store.opening import open_model
     from .train.batch_loss import evaluate
 
     device = pick_device(args.device)
@@ -94,9 +104,9 @@ def perplexity_of(args: argparse.Namespace) -> tuple[float, int, str]:
     if args.split == "val" and not recorded.get("val_file") and record.data_sha256 not in (None, csv.sha256):
         raise KoGPT2Error(f"{path} changed since the checkpoint was trained on it: its validation rows are unknown")
     chat = opened.chat  # answers only, as the run's val_ppl
-    corpus = Corpus(csv, args.column or (record.column if record and record.column and not chat else TEXT_COLUMN),
-                    chat, recorded.get("question_column", QUESTION_COLUMN), recorded.get("answer_column", ANSWER_COLUMN),
-                    not args.no_cache, recorded.get("seed", SEED), recorded.get("dialogue_column"))
+    corpus = open_corpus(csv, chat, args.column or (record.column if record and record.column and not chat else TEXT_COLUMN),
+                         recorded.get("question_column", QUESTION_COLUMN), recorded.get("answer_column", ANSWER_COLUMN),
+                         recorded.get("dialogue_column"), not args.no_cache, recorded.get("seed", SEED))
     if args.split == "val" and not recorded.get("val_file"):
         _, data = corpus.pack(tokenizer, max_len, recorded.get("val_ratio", VAL_RATIO))
         if data is None:

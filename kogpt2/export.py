@@ -15,15 +15,23 @@ from pathlib import Path
 import torch
 
 from .arguments import Parser
-from .store.checkpoint import (CheckpointRecord, find_checkpoint, generation_payload, load_checkpoint, read_record,
-                               save_checkpoint, tokenizer_of, weights_of)
 from .corpus.chat_format import ChatFormat
+from .corpus.tokenizer import NEWLINE_V1, HFTokenizer
 from .defaults import CHAT_SAMPLING, PRETRAINED, SAMPLING
 from .errors import KoGPT2Error, report_errors
 from .generation.engine import never_generated
 from .model.gpt import GPTConfig
+from .store.checkpoint import (
+    CheckpointRecord,
+    find_checkpoint,
+    generation_payload,
+    load_checkpoint,
+    read_record,
+    save_checkpoint,
+    tokenizer_of,
+    weights_of,
+)
 from .store.scratch import is_scratch
-from .corpus.tokenizer import NEWLINE_V1, HFTokenizer
 
 V1_VOCAB_SIZE = 50000
 

@@ -11,19 +11,28 @@ from pathlib import Path
 
 import torch
 
-from .store.checkpoint import BEST_NAME, find_checkpoint, new_run, regular_checkpoints, run_of_file, source_record
+from .corpus.packing import ChatCorpus, TextCorpus, open_corpus
 from .corpus.reading import CsvFile
+from .corpus.tokenizer import Tokenizer
 from .defaults import FINETUNE_LR, MAX_LEN, SCRATCH_LR
-from .train.distributed import World, join, leave
 from .errors import KoGPT2Error
+from .model.gpt import GPT
+from .plot import plot_metrics
+from .runtime import (
+    cpu_bf16_instructions,
+    keep_freed_memory,
+    make_deterministic,
+    pick_device,
+    pick_precision,
+    use_compile,
+)
+from .store.checkpoint import BEST_NAME, find_checkpoint, new_run, regular_checkpoints, run_of_file, source_record
 from .store.opening import OpenedModel, open_checkpoint, open_model
+from .store.pretrained import ReleaseUnavailable
+from .store.scratch import is_scratch, scratch_model
+from .train.distributed import World, join, leave
 from .train.metrics_log import METRICS_NAME
 from .train.optim import steps_per_epoch, warmup_steps
-from .corpus.packing import Corpus
-from .plot import plot_metrics
-from .store.pretrained import ReleaseUnavailable
-from .runtime import cpu_bf16_instructions, keep_freed_memory, make_deterministic, pick_device, pick_precision, use_compile
-from .store.scratch import is_scratch, scratch_model
 from .train.trainer import Trainer, TrainSettings
 
 # Settings a resume takes from the checkpoint unless given again: with them the run continues exactly.
@@ -132,12 +141,13 @@ def take_checkpoint_settings(args: argparse.Namespace, recorded: dict, given: se
             "uninterrupted run exactly")
 
 
-def corpus_of(csv: CsvFile, args: argparse.Namespace) -> Corpus:
-    return Corpus(csv, args.column, args.chat, args.question_column, args.answer_column, not args.no_cache, args.seed,
-                  args.dialogue_column)
+def corpus_of(csv: CsvFile, args: argparse.Namespace) -> TextCorpus | ChatCorpus:
+    return open_corpus(csv, args.chat, args.column, args.question_column, args.answer_column, args.dialogue_column,
+                       not args.no_cache, args.seed)
 
 
 def _run(args: argparse.Namespace, world: World, device_name: str) -> int:
+    """The steps of a run: open the data and the start, settle the run's settings, pack the data, train, finish."""
     say = print if world.is_main else (lambda *a, **k: None)
     keep_freed_memory()
     device = pick_device(device_name)
@@ -146,85 +156,20 @@ def _run(args: argparse.Namespace, world: World, device_name: str) -> int:
     val_csv = CsvFile(args.val_file, args.encoding, args.format, args.txt_unit) if args.val_file else None
     check_save_path(args.save_path)
     resume = _start(args, say)
-    continuing = resume is not None and resume.record.ours
-    run = resume.record.run if continuing else new_run()
-    refuse_another_run(args.save_path, run, args.load_path)
-    if continuing:
-        args.pretrained = resume.record.pretrained or args.pretrained  # the run's origin, which its defaults follow
-        take_checkpoint_settings(args, resume.record.args, getattr(args, "given", set()), say)
-    if args.lr is None:
-        args.lr = SCRATCH_LR if is_scratch(args.pretrained) else FINETUNE_LR
-    if args.deterministic:
+    run_id = resume.record.run if resume is not None and resume.record.ours else new_run()
+    refuse_another_run(args.save_path, run_id, args.load_path)
+    run = settings_of_run(args, resume, say)
+    if run.deterministic:
         make_deterministic()
-    torch.manual_seed(args.seed)  # a fresh model's initial weights, dropout: all follow --seed
-    precision = pick_precision(args.precision, device)
-    corpus = corpus_of(train_csv, args)
-    val_corpus = corpus_of(val_csv, args) if val_csv else None
-
-    if resume is not None:
-        model, tokenizer = resume.model, resume.tokenizer
-        if resume.record.ours:
-            say(f"resuming from {resume.source}: step {resume.record.step}, epoch {resume.record.epoch + 1}")
-        else:
-            say(f"starting from the weights of the 2020 checkpoint {resume.source} (its optimizer state is not reused)")
-    elif is_scratch(args.pretrained):
-        learn_from = corpus.texts(0 if args.val_file else args.val_ratio)
-        model, tokenizer = scratch_model(args.pretrained, learn_from, args.vocab_size)
-        say(f"training from scratch: {model.num_parameters() / 1e6:.1f}M parameters, "
-            f"a tokenizer of {tokenizer.vocab_size} tokens learnt from {args.data_file_path}")
-    else:
-        try:
-            opened = open_model(None, args.pretrained)
-        except ReleaseUnavailable as error:
-            raise KoGPT2Error(f"{error}, or train with no download at all: --pretrained scratch") from None
-        model, tokenizer = opened.model, opened.tokenizer
-        say(f"starting from the pretrained model {args.pretrained}")
-
-    if args.dropout is not None:
-        model.set_dropout(args.dropout)
-    args.max_len = args.max_len or min(MAX_LEN, model.config.n_positions)
-    if args.max_len > model.config.n_positions:
-        raise KoGPT2Error(f"--max_len {args.max_len} is longer than the model's {model.config.n_positions} positions")
-    if val_corpus is not None:
-        train_data, _ = corpus.pack(tokenizer, args.max_len, 0)
-        val_data, _ = val_corpus.pack(tokenizer, args.max_len, 0)
-    else:
-        train_data, val_data = corpus.pack(tokenizer, args.max_len, args.val_ratio)
-    # recorded as resolved, so a resume (of any --epoch) goes on with the same steps, not a longer run's 5%
-    args.warmup = warmup_steps(args.warmup, args.epoch * steps_per_epoch(len(train_data.blocks),
-                                                                         args.batch_size * world.size, args.grad_accum))
-    settings = TrainSettings(
-        save_path=args.save_path, epochs=args.epoch, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        lr=args.lr, warmup=args.warmup, eval_every=args.eval_every, save_every=args.save_every,
-        keep_last=args.keep_last, patience=args.patience, seed=args.seed, precision=precision,
-        samples_dir=args.samples, tensorboard=args.tensorboard, chat=args.chat,
-        compile=use_compile(args.compile, device), grad_checkpoint=args.grad_checkpoint)
-    recorded_args = {k: v for k, v in vars(args).items() if k != "given"}
-    source = source_record(args.data_file_path, train_csv.sha256, corpus.column, args.pretrained, recorded_args,
-                           "chat" if args.chat else "text", run, corpus.turns)
-    trainer = Trainer(model.to(device), tokenizer, train_data, val_data, settings, source, log=say, world=world)
+    torch.manual_seed(run.seed)  # a fresh model's initial weights, dropout: all follow --seed
+    corpus = corpus_of(train_csv, run)
+    model, tokenizer = _starting_model(run, resume, corpus, say)
+    train_data, val_data = _packed(run, model, tokenizer, corpus, corpus_of(val_csv, run) if val_csv else None)
+    trainer = _trainer(run, world, device, model, tokenizer, train_data, val_data, train_csv.sha256, corpus, run_id, say)
     if resume is not None and resume.record.ours:
         trainer.restore(resume.record.training, resume.record.path)
-
-    say(f"data: {plural(corpus.rows_read, 'row')} read ({train_csv.layout}), {corpus.rows_empty} empty skipped; "
-        f"{train_data.rows} for training, {val_data.rows if val_data else 0} for validation; "
-        f"{plural(train_data.tokens, 'training token')} in {plural(len(train_data.blocks), 'block')} of {args.max_len}"
-        + (f"; {plural(train_data.rows_split, 'row')} longer than {args.max_len} tokens "
-           f"{'cut to fit' if args.chat else 'split over blocks'}" if train_data.rows_split else ""))
-    if args.dialogue_column:
-        say(f"dialogues: {len(corpus.pairs.dialogues)} ('{args.dialogue_column}'), up to {corpus.turns} turns in one "
-            f"example of {args.max_len} tokens; a chat keeps the last {corpus.turns - 1} turns as context by default")
-    processes = f" x {world.size} processes = {trainer.global_batch}" if world.active else ""
-    bf16_instructions = cpu_bf16_instructions() if device.type == "cpu" and precision == "fp32" else []
-    if bf16_instructions:
-        say(f"tip: this CPU has bf16 instructions ({', '.join(bf16_instructions)}): --precision bf16 trains about "
-            "1.8x faster on such CPUs with the same loss (bench/README.md)")
-    extras = "".join(f", {name}" for name, on in (("compiled", settings.compile),
-                                                  ("gradient checkpointing", settings.grad_checkpoint)) if on)
-    say(f"training: {plural(settings.epochs, 'epoch')} x {plural(trainer.steps_per_epoch, 'step')} (batch "
-        f"{settings.batch_size}{processes} x accumulation {settings.grad_accum}) on {device}, {precision}{extras}; "
-        f"checkpoints in {settings.save_path}")
-    if trainer.progress.epoch >= settings.epochs:
+    _describe(run, world, device, trainer, train_csv, corpus, train_data, val_data, say)
+    if trainer.progress.epoch >= trainer.settings.epochs:
         say(f"nothing to do: the checkpoint already finished {plural(trainer.progress.epoch, 'epoch')} "
             "(raise --epoch to go on)")
         return 0
@@ -234,6 +179,93 @@ def _run(args: argparse.Namespace, world: World, device_name: str) -> int:
     except KeyboardInterrupt:
         say(f"interrupted; the last checkpoint is {last}" if last else "interrupted")
         return 130
+
+
+def settings_of_run(args: argparse.Namespace, resume: OpenedModel | None, say) -> argparse.Namespace:
+    """The run's settings, apart from the arguments as given: a resume's own (its origin, whose defaults it follows,
+    and every setting not given again), and the learning rate its model calls for."""
+    run = argparse.Namespace(**vars(args))
+    if resume is not None and resume.record.ours:
+        run.pretrained = resume.record.pretrained or run.pretrained
+        take_checkpoint_settings(run, resume.record.args, getattr(args, "given", set()), say)
+    if run.lr is None:
+        run.lr = SCRATCH_LR if is_scratch(run.pretrained) else FINETUNE_LR
+    return run
+
+
+def _starting_model(run: argparse.Namespace, resume: OpenedModel | None, corpus, say) -> tuple[GPT, Tokenizer]:
+    if resume is not None:
+        if resume.record.ours:
+            say(f"resuming from {resume.source}: step {resume.record.step}, epoch {resume.record.epoch + 1}")
+        else:
+            say(f"starting from the weights of the 2020 checkpoint {resume.source} (its optimizer state is not reused)")
+        model, tokenizer = resume.model, resume.tokenizer
+    elif is_scratch(run.pretrained):
+        learn_from = corpus.texts(0 if run.val_file else run.val_ratio)
+        model, tokenizer = scratch_model(run.pretrained, learn_from, run.vocab_size)
+        say(f"training from scratch: {model.num_parameters() / 1e6:.1f}M parameters, "
+            f"a tokenizer of {tokenizer.vocab_size} tokens learnt from {run.data_file_path}")
+    else:
+        try:
+            opened = open_model(None, run.pretrained)
+        except ReleaseUnavailable as error:
+            raise KoGPT2Error(f"{error}, or train with no download at all: --pretrained scratch") from None
+        model, tokenizer = opened.model, opened.tokenizer
+        say(f"starting from the pretrained model {run.pretrained}")
+    if run.dropout is not None:
+        model.set_dropout(run.dropout)
+    run.max_len = run.max_len or min(MAX_LEN, model.config.n_positions)
+    if run.max_len > model.config.n_positions:
+        raise KoGPT2Error(f"--max_len {run.max_len} is longer than the model's {model.config.n_positions} positions")
+    return model, tokenizer
+
+
+def _packed(run: argparse.Namespace, model: GPT, tokenizer: Tokenizer, corpus, val_corpus):
+    """Training and validation blocks: the validation file's, else the rows ``--val_ratio`` holds out."""
+    if val_corpus is not None:
+        return corpus.pack(tokenizer, run.max_len, 0)[0], val_corpus.pack(tokenizer, run.max_len, 0)[0]
+    return corpus.pack(tokenizer, run.max_len, run.val_ratio)
+
+
+def _trainer(run: argparse.Namespace, world: World, device: torch.device, model: GPT, tokenizer: Tokenizer,
+             train_data, val_data, data_sha256: str, corpus, run_id: str, say) -> Trainer:
+    # recorded as resolved, so a resume (of any --epoch) goes on with the same steps, not a longer run's 5%
+    run.warmup = warmup_steps(run.warmup, run.epoch * steps_per_epoch(len(train_data.blocks),
+                                                                      run.batch_size * world.size, run.grad_accum))
+    settings = TrainSettings(
+        save_path=run.save_path, epochs=run.epoch, batch_size=run.batch_size, grad_accum=run.grad_accum,
+        lr=run.lr, warmup=run.warmup, eval_every=run.eval_every, save_every=run.save_every,
+        keep_last=run.keep_last, patience=run.patience, seed=run.seed, precision=pick_precision(run.precision, device),
+        samples_dir=run.samples, tensorboard=run.tensorboard, chat=run.chat,
+        compile=use_compile(run.compile, device), grad_checkpoint=run.grad_checkpoint)
+    recorded_args = {k: v for k, v in vars(run).items() if k != "given"}
+    source = source_record(run.data_file_path, data_sha256, corpus.column, run.pretrained, recorded_args,
+                           "chat" if run.chat else "text", run_id, corpus.turns)
+    return Trainer(model.to(device), tokenizer, train_data, val_data, settings, source, log=say, world=world)
+
+
+def _describe(run: argparse.Namespace, world: World, device: torch.device, trainer: Trainer, train_csv: CsvFile,
+              corpus, train_data, val_data, say) -> None:
+    """What the run is about to do, in a few lines."""
+    settings = trainer.settings
+    say(f"data: {plural(corpus.rows_read, 'row')} read ({train_csv.layout}), {corpus.rows_empty} empty skipped; "
+        f"{train_data.rows} for training, {val_data.rows if val_data else 0} for validation; "
+        f"{plural(train_data.tokens, 'training token')} in {plural(len(train_data.blocks), 'block')} of {run.max_len}"
+        + (f"; {plural(train_data.rows_split, 'row')} longer than {run.max_len} tokens "
+           f"{'cut to fit' if run.chat else 'split over blocks'}" if train_data.rows_split else ""))
+    if run.dialogue_column:
+        say(f"dialogues: {len(corpus.pairs.dialogues)} ('{run.dialogue_column}'), up to {corpus.turns} turns in one "
+            f"example of {run.max_len} tokens; a chat keeps the last {corpus.turns - 1} turns as context by default")
+    processes = f" x {world.size} processes = {trainer.global_batch}" if world.active else ""
+    bf16_instructions = cpu_bf16_instructions() if device.type == "cpu" and settings.precision == "fp32" else []
+    if bf16_instructions:
+        say(f"tip: this CPU has bf16 instructions ({', '.join(bf16_instructions)}): --precision bf16 trains about "
+            "1.8x faster on such CPUs with the same loss (bench/README.md)")
+    extras = "".join(f", {name}" for name, on in (("compiled", settings.compile),
+                                                  ("gradient checkpointing", settings.grad_checkpoint)) if on)
+    say(f"training: {plural(settings.epochs, 'epoch')} x {plural(trainer.steps_per_epoch, 'step')} (batch "
+        f"{settings.batch_size}{processes} x accumulation {settings.grad_accum}) on {device}, {settings.precision}"
+        f"{extras}; checkpoints in {settings.save_path}")
 
 
 def _finish(trainer: Trainer, last: Path | None, say, world: World) -> int:

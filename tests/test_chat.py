@@ -8,14 +8,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import DIALOGUE_CSV, REPO, run_generator, run_main
+
 from kogpt2.corpus.chat_format import ChatExample, ChatFormat, conversation
-from kogpt2.store.checkpoint import load_checkpoint, read_record
-from kogpt2.errors import KoGPT2Error
-from kogpt2.model.head_loss import IGNORE_INDEX
 from kogpt2.corpus.packing import pack_examples
 from kogpt2.corpus.tokenizer import load_tokenizer
+from kogpt2.errors import KoGPT2Error
+from kogpt2.model.head_loss import IGNORE_INDEX
+from kogpt2.store.checkpoint import load_checkpoint, read_record
 
 CHAT_CSV = REPO / "data" / "chat_sample.csv"
 CHAT_TRAINING = ("--chat", "--data_file_path", CHAT_CSV, "--pretrained", "scratch:tiny", "--max_len", 64,

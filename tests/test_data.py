@@ -7,11 +7,11 @@ import shutil
 
 import numpy as np
 import pytest
-
 from conftest import SAMPLE_CSV, TINY_TRAINING, run_generator, run_main
+
+from kogpt2.corpus.packing import open_corpus, pack
 from kogpt2.corpus.reading import CsvColumn, CsvFile, tokenize_rows
 from kogpt2.defaults import TEXT_COLUMN
-from kogpt2.corpus.packing import Corpus, pack
 
 
 def test_every_character_survives(tmp_path, v2_tokenizer_json):
@@ -174,7 +174,7 @@ def test_json_lines_texts_and_chat_pairs(tmp_path):
     chat.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in (
         {"Q": "배고파", "A": "밥 먹어요.", "label": 0}, {"Q": "비가 와", "A": "우산 챙기세요.", "label": 0},
         {"Q": "", "A": "질문이 없는 답"})), encoding="utf-8")
-    corpus = Corpus(CsvFile(chat), TEXT_COLUMN, True, "Q", "A", True, 1)
+    corpus = open_corpus(CsvFile(chat), True, TEXT_COLUMN, "Q", "A", None, True, 1)
     assert corpus.texts(0) == ["배고파", "비가 와", "밥 먹어요.", "우산 챙기세요."] and corpus.rows_empty == 1
 
 
@@ -242,8 +242,8 @@ def test_bad_text_and_json_lines_files_are_one_clear_line(tmp_path, capsys, name
 
 def test_a_text_file_trains_evaluates_and_reports_as_the_run_read_it(tmp_path, capsys):
     """The misleading case: a .txt with the default --column once answered "no column 'sent'"."""
-    from kogpt2.store.checkpoint import load_checkpoint
     from kogpt2.evaluate import main as evaluate_main
+    from kogpt2.store.checkpoint import load_checkpoint
 
     texts = [text for text in CsvColumn(SAMPLE_CSV).texts if "\n" not in text][:40]
     corpus = tmp_path / "corpus.txt"  # two-line paragraphs: auto would read 20 paragraphs, --txt_unit line 40 lines

@@ -6,8 +6,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO, SAMPLE_CSV, run_main
+
 from kogpt2.store.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow

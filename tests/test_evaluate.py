@@ -1,12 +1,12 @@
 """python -m kogpt2.evaluate: the perplexity main.py logs, computed again from a checkpoint."""
 import torch
 import torch.nn.functional as F
-
 from conftest import ROWS, TINY_TRAINING, run_main, write_csv
-from kogpt2.store.checkpoint import load_checkpoint, read_record
-from kogpt2.corpus.reading import CsvColumn
+
 from kogpt2.corpus.packing import pack
+from kogpt2.corpus.reading import CsvColumn
 from kogpt2.evaluate import main as evaluate_main
+from kogpt2.store.checkpoint import load_checkpoint, read_record
 from kogpt2.store.opening import model_from_checkpoint
 
 

@@ -5,10 +5,10 @@ import os
 import stat
 
 import torch
+from conftest import SAMPLE_CSV, TINY_TRAINING, payload_and_record, run_generator, run_main
 
-from conftest import SAMPLE_CSV, TINY_TRAINING, run_generator, run_main, payload_and_record
-from kogpt2.store.checkpoint import load_checkpoint
 from kogpt2.export import main as export_main
+from kogpt2.store.checkpoint import load_checkpoint
 from kogpt2.store.opening import model_from_checkpoint
 
 

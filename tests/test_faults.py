@@ -15,14 +15,22 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from conftest import (
+    REPO,
+    SAMPLE_CSV,
+    TINY_TRAINING,
+    TRAINED_EPOCHS,
+    run_generator,
+    run_main,
+    slowed_main,
+    tiny_hf_model,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import (REPO, SAMPLE_CSV, TINY_TRAINING, TRAINED_EPOCHS, run_generator, run_main, slowed_main,
-                      tiny_hf_model)
-from kogpt2.store.checkpoint import load_checkpoint, read_record
 from kogpt2.corpus.reading import CsvColumn
 from kogpt2.errors import KoGPT2Error
+from kogpt2.store.checkpoint import load_checkpoint, read_record
 
 # ---- 1. crash anywhere --------------------------------------------------------------------------------------------
 

@@ -8,14 +8,13 @@ import time
 
 import pytest
 import torch
+from conftest import REPO, payload_and_record, run_generator
 
-from conftest import REPO, run_generator, payload_and_record
+from kogpt2.defaults import SamplingSettings
+from kogpt2.generation.engine import TextSampler, TextStream, TokenList, generate_ids, never_generated
+from kogpt2.generation.prompt_loop import PromptLoop
 from kogpt2.store.checkpoint import load_checkpoint
 from kogpt2.store.opening import model_from_checkpoint
-from kogpt2.defaults import SamplingSettings
-from kogpt2.generation.engine import TextStream, TokenList, generate_ids, never_generated
-from kogpt2.generation.engine import TextSampler
-from kogpt2.generation.prompt_loop import PromptLoop
 
 
 @pytest.fixture(scope="module")

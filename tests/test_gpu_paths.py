@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import SAMPLE_CSV, run_main
+
 from kogpt2.store.checkpoint import load_checkpoint
 
 # TINY_TRAINING without its batch size, which these runs set themselves
@@ -92,8 +92,9 @@ def test_out_of_memory_names_the_batch_and_what_to_try(tmp_path, capsys, monkeyp
 
 
 def test_a_failed_compile_falls_back_to_eager_with_one_line(tmp_path, capsys, monkeypatch):
-    import kogpt2.train.trainer
     from torch._inductor.exc import InductorError
+
+    import kogpt2.train.trainer
 
     def broken_compile(module, dynamic):
         def forward(*args, **kwargs):
@@ -163,8 +164,8 @@ def test_the_compiled_training_step_is_one_graph(mode):
 
 def test_a_global_batch_smaller_than_the_world_gives_every_rank_rows():
     """Flash attention rejects a batch of 0 rows: a rank whose share is empty gets an ignored row instead."""
-    from kogpt2.train.trainer import shard
     from kogpt2.corpus.packing import PackedData
+    from kogpt2.train.trainer import shard
 
     blocks = torch.randint(10, 300, (3, 9))
     data = PackedData(blocks, torch.full((3,), 8), 3, 0, 24)

@@ -4,8 +4,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from kogpt2.errors import KoGPT2Error
-from kogpt2.model.hf_layout import hf_state_dict, infer_config, load_hf_state_dict
 from kogpt2.model.gpt import GPT, GPTConfig
+from kogpt2.model.hf_layout import hf_state_dict, infer_config, load_hf_state_dict
 
 V1_SHAPED = GPTConfig(vocab_size=50000, n_positions=64, n_embd=128, n_layer=2, n_head=2, activation="gelu", dropout=0.0)
 V2_SHAPED = GPTConfig(vocab_size=51200, n_positions=64, n_embd=64, n_layer=2, n_head=2, activation="gelu_new", dropout=0.0)

@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-
 from conftest import SAMPLE_CSV, run_main
 
 pytestmark = pytest.mark.gpu

@@ -6,8 +6,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import REPO
+
 from kogpt2 import KoGPT2Error, load_pretrained
 
 

@@ -2,8 +2,8 @@
 import json
 
 import pytest
-
 from conftest import ROWS, run_generator, run_main, write_csv
+
 from kogpt2.generation.copy_report import RunIndex, TrainingText, distinct_n
 from kogpt2.store.scratch import train_tokenizer
 

@@ -5,10 +5,10 @@ import shlex
 from pathlib import Path
 
 import torch
-
 from conftest import REPO, run_main
-from kogpt2.store.checkpoint import checkpoint_name, load_checkpoint, rotate, save_checkpoint
 from test_scratch import quickstart_commands
+
+from kogpt2.store.checkpoint import checkpoint_name, load_checkpoint, rotate, save_checkpoint
 
 
 def flag_value(command: str, flag: str) -> str:

@@ -3,8 +3,7 @@ import math
 
 import torch
 
-from kogpt2.generation.sampling import (apply_repetition_penalty, block_repeated_ngrams, sample_next,
-                             top_p_filter)
+from kogpt2.generation.sampling import apply_repetition_penalty, block_repeated_ngrams, sample_next, top_p_filter
 
 NEG = float("-inf")
 

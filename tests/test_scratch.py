@@ -8,15 +8,15 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, SAMPLE_CSV
-from kogpt2.store.checkpoint import load_checkpoint, read_record
-from kogpt2.store.opening import model_from_checkpoint
+
+from kogpt2.defaults import SamplingSettings
 from kogpt2.errors import KoGPT2Error
-from kogpt2.store.scratch import scratch_size, train_tokenizer, vocab_size_for
 from kogpt2.generation.engine import TextSampler
 from kogpt2.generation.prompt_loop import PromptLoop
-from kogpt2.defaults import SamplingSettings
+from kogpt2.store.checkpoint import load_checkpoint, read_record
+from kogpt2.store.opening import model_from_checkpoint
+from kogpt2.store.scratch import scratch_size, train_tokenizer, vocab_size_for
 
 
 def training_texts() -> list[str]:

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, run_generator
 
 pytest.importorskip("fastapi", reason="the server's packages are absent: pip install -r requirements-serve.txt")

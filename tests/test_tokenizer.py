@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from kogpt2.errors import KoGPT2Error
 from kogpt2.corpus.tokenizer import load_tokenizer
+from kogpt2.errors import KoGPT2Error
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample.csv"
 MIXED = [

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, SAMPLE_CSV, TINY_TRAINING, TRAINED_EPOCHS, run_generator, run_main, slowed_main
-from kogpt2.store.checkpoint import load_checkpoint
+
 from kogpt2.corpus.reading import CsvColumn
+from kogpt2.store.checkpoint import load_checkpoint
+
 
 def start_slow_main(*argv) -> subprocess.Popen:
     """main.py in a real separate process, each step slowed so it can be killed in the middle of training."""

@@ -10,11 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, NamedTuple
 
-from .reading import CsvFile
 from ..errors import KoGPT2Error
 from ..model.head_loss import IGNORE_INDEX
+from .reading import CsvFile
 from .tokenizer import Tokenizer
-
 
 USR, SYS = "<usr>", "<sys>"
 SYSTEM_ROLES = ("system", "developer")

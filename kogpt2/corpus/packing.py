@@ -10,10 +10,10 @@ from functools import cached_property, partial
 import numpy as np
 import torch
 
-from .chat_format import ChatExample, ChatFormat, read_pairs
-from .reading import CsvColumn, CsvFile, TokenizedRows
 from ..errors import KoGPT2Error
 from ..model.head_loss import IGNORE_INDEX
+from .chat_format import ChatExample, ChatFormat, read_pairs
+from .reading import CsvColumn, CsvFile, TokenizedRows
 from .tokenizer import Tokenizer
 
 
@@ -124,53 +124,65 @@ def validation_mask(n_rows: int, val_ratio: float, seed: int) -> np.ndarray:
     return mask
 
 
-class Corpus:
-    """The training text of a CSV: its text column, or with ``--chat`` its question/answer rows (grouped into
-    dialogues by ``dialogue_column``, when given)."""
+class TextCorpus:
+    """The training text of a data file's text column: rows packed back to back."""
 
-    def __init__(self, csv: CsvFile, column: str, chat: bool, question_column: str, answer_column: str,
-                 cache: bool, seed: int, dialogue_column: str | None = None) -> None:
-        """``seed`` chooses the validation rows (chat: dialogues), as ``validation_mask`` does everywhere."""
-        self.chat, self.cache, self.seed = chat, cache, seed
-        if dialogue_column and not chat:
-            raise KoGPT2Error("--dialogue_column groups question/answer rows into dialogues: it needs --chat")
-        if chat:
-            self.pairs = read_pairs(csv, question_column, answer_column, dialogue_column)
-            self.column = answer_column
-        else:
-            self.text = CsvColumn(csv, column)
-            self.column = self.text.column
-        self.turns = 1  # the most turns in one training example, known once packed
+    turns = 1  # chat examples only have more
 
-    @property
-    def rows_read(self) -> int:
-        return self.pairs.rows_read if self.chat else self.text.rows_read
-
-    @property
-    def rows_empty(self) -> int:
-        return self.pairs.rows_empty if self.chat else self.text.rows_empty
+    def __init__(self, csv: CsvFile, column: str, cache: bool, seed: int) -> None:
+        """``seed`` chooses the validation rows, as ``validation_mask`` does everywhere."""
+        self.text, self.cache, self.seed = CsvColumn(csv, column), cache, seed
+        self.column = self.text.column
+        self.rows_read, self.rows_empty = self.text.rows_read, self.text.rows_empty
 
     def texts(self, val_ratio: float) -> list[str]:
         """What a scratch tokenizer learns from: the rows training will use (``val_ratio`` 0: all)."""
-        if not self.chat:
-            keep = ~validation_mask(len(self.text.texts), val_ratio, self.seed)
-            return [t for t, k in zip(self.text.texts, keep) if k]
+        keep = ~validation_mask(len(self.text.texts), val_ratio, self.seed)
+        return [t for t, k in zip(self.text.texts, keep) if k]
+
+    def pack(self, tokenizer: Tokenizer, max_len: int, val_ratio: float) -> tuple[PackedData, PackedData | None]:
+        """Training blocks and, with a ``val_ratio``, validation blocks from the held-out rows."""
+        rows = self.text.token_rows(tokenizer, self.cache)
+        val = validation_mask(len(rows), val_ratio, self.seed)
+        packed = partial(pack, rows, max_len, tokenizer.pad_id)
+        return packed(~val), packed(val) if val.any() else None
+
+
+class ChatCorpus:
+    """The question/answer rows of a data file (grouped into dialogues by ``dialogue_column``, when given): whole
+    examples, each attending only to itself."""
+
+    def __init__(self, csv: CsvFile, question_column: str, answer_column: str, dialogue_column: str | None,
+                 seed: int) -> None:
+        """``seed`` chooses the validation dialogues, as ``validation_mask`` does everywhere."""
+        self.pairs, self.seed = read_pairs(csv, question_column, answer_column, dialogue_column), seed
+        self.column = answer_column
+        self.rows_read, self.rows_empty = self.pairs.rows_read, self.pairs.rows_empty
+        self.turns = 1  # the most turns in one training example, known once packed
+
+    def texts(self, val_ratio: float) -> list[str]:
+        """What a scratch tokenizer learns from: the questions and answers training will use."""
         keep = ~validation_mask(len(self.pairs.dialogues), val_ratio, self.seed)
         turns = [turn for dialogue, k in zip(self.pairs.dialogues, keep) if k for turn in dialogue]
         return [q for q, _ in turns] + [a for _, a in turns]
 
     def pack(self, tokenizer: Tokenizer, max_len: int, val_ratio: float) -> tuple[PackedData, PackedData | None]:
-        """Training blocks and, with a ``val_ratio``, validation blocks from the held-out rows (chat: dialogues)."""
-        if self.chat:
-            chat = ChatFormat(tokenizer)
-            dialogues = [chat.dialogue(turns, max_len) for turns in self.pairs.dialogues]
-            held_out = validation_mask(len(dialogues), val_ratio, self.seed)
-            val = np.repeat(held_out, [len(d) for d in dialogues])
-            examples = [example for d in dialogues for example in d]
-            self.turns = max(example.turns for example in examples)
-            packed = partial(pack_examples, examples, max_len, tokenizer.pad_id)
-        else:
-            rows = self.text.token_rows(tokenizer, self.cache)
-            val = validation_mask(len(rows), val_ratio, self.seed)
-            packed = partial(pack, rows, max_len, tokenizer.pad_id)
+        """Training blocks and, with a ``val_ratio``, validation blocks from the held-out dialogues."""
+        chat = ChatFormat(tokenizer)
+        dialogues = [chat.dialogue(turns, max_len) for turns in self.pairs.dialogues]
+        held_out = validation_mask(len(dialogues), val_ratio, self.seed)
+        val = np.repeat(held_out, [len(d) for d in dialogues])
+        examples = [example for d in dialogues for example in d]
+        self.turns = max(example.turns for example in examples)
+        packed = partial(pack_examples, examples, max_len, tokenizer.pad_id)
         return packed(~val), packed(val) if val.any() else None
+
+
+def open_corpus(csv: CsvFile, chat: bool, column: str, question_column: str, answer_column: str,
+                dialogue_column: str | None, cache: bool, seed: int) -> TextCorpus | ChatCorpus:
+    """A run's training text: its question/answer rows for ``--chat``, else its text column."""
+    if dialogue_column and not chat:
+        raise KoGPT2Error("--dialogue_column groups question/answer rows into dialogues: it needs --chat")
+    if chat:
+        return ChatCorpus(csv, question_column, answer_column, dialogue_column, seed)
+    return TextCorpus(csv, column, cache, seed)

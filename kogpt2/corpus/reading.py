@@ -17,7 +17,6 @@ from .formats import NEEDS, csv_table, decode, detect_format, jsonl_table, read_
 from .tokenizer import Tokenizer
 
 
-
 class CsvFile:
     """A data file read, checksummed, decoded and its header checked once, when opened (before minutes go into loading
     a model); its cells parsed only when asked for. Every format is a table of text columns: a CSV or TSV its columns,

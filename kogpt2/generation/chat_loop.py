@@ -2,11 +2,10 @@
 the history one rule keeps (``ChatFormat.answer_prompt``) and ``/reset``."""
 from __future__ import annotations
 
-
 from ..corpus.chat_format import ChatFormat, Turn
 from ..defaults import SamplingSettings
-from .engine import chat_sampler, new_seed
 from ..model.gpt import GPT
+from .engine import chat_sampler, new_seed
 from .prompt_loop import PromptLoop
 
 RESET_DONE = "history cleared / 대화 기록을 지웠습니다"

@@ -7,8 +7,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from ..errors import KoGPT2Error
 from ..corpus.tokenizer import Tokenizer
+from ..errors import KoGPT2Error
 
 if TYPE_CHECKING:
     from ..store.checkpoint import CheckpointRecord

@@ -8,8 +8,8 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from ..model.kv_cache import KVCache
 from ..model.gpt import GPT
+from ..model.kv_cache import KVCache
 
 
 def _onednn_linear():

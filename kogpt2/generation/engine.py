@@ -9,13 +9,13 @@ from typing import Protocol
 
 import torch
 
-from .decoding_step import DecodingStep, graph_step
+from ..corpus.chat_format import ChatFormat
+from ..corpus.tokenizer import Tokenizer
 from ..defaults import TRAINING_SAMPLE, TRAINING_SAMPLE_QUESTION, SamplingSettings
 from ..errors import KoGPT2Error
 from ..model.gpt import GPT
+from .decoding_step import DecodingStep, graph_step
 from .sampling import apply_repetition_penalty, block_repeated_ngrams, sample_next
-from ..corpus.chat_format import ChatFormat
-from ..corpus.tokenizer import Tokenizer
 
 
 def never_generated(tokenizer: Tokenizer) -> list[int]:

@@ -26,8 +26,8 @@ class Sample:
 
 def read_prompts(path: str, column: str, encoding: str | None = None) -> list[str]:
     """A CSV's or TSV's column, a .jsonl's key, else one prompt a line; in any encoding the training data may have."""
-    from ..corpus.reading import CsvColumn, CsvFile
     from ..corpus.formats import SUFFIX_FORMATS
+    from ..corpus.reading import CsvColumn, CsvFile
 
     table = SUFFIX_FORMATS.get(Path(path).suffix.lower()) in ("csv", "tsv", "jsonl")
     return CsvColumn(CsvFile(path, encoding, DATA_FORMAT if table else "txt", "line"), column).texts

@@ -82,6 +82,45 @@ def sampling_settings(body: dict, base: SamplingSettings) -> SamplingSettings:
     return base.updated({"text_size": body.get("max_tokens"), **{name: body.get(name) for name in names}})
 
 
+@dataclass(frozen=True)
+class ApiShape:
+    """How one of the two APIs shapes its answers (OpenAI's completions or chat completions)."""
+
+    object: str
+    chunk_object: str
+    id_prefix: str
+    piece: Callable[[str], dict]  # a streamed piece's fields
+    answer: Callable[[str], dict]  # a whole answer's fields
+
+
+TEXT_API = ApiShape("text_completion", "text_completion", "cmpl", lambda text: {"text": text},
+                    lambda text: {"text": text, "logprobs": None})
+CHAT_API = ApiShape("chat.completion", "chat.completion.chunk", "chatcmpl", lambda text: {"delta": {"content": text}},
+                    lambda text: {"message": {"role": "assistant", "content": text.rstrip()}})
+
+
+async def streamed(completion: Completion, head: dict, api: ApiShape):
+    """Server-sent events, one a piece, then ``[DONE]``."""
+    async for piece in completion:
+        choice = {"index": piece.index, **api.piece(piece.text), "finish_reason": piece.finish}
+        yield f"data: {json.dumps({**head, 'object': api.chunk_object, 'choices': [choice]}, ensure_ascii=False)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+async def collected(completion: Completion, head: dict, api: ApiShape, prompt_tokens: int, n: int) -> dict:
+    """The whole answers in one body, with their token counts."""
+    texts, finishes, counts = [""] * n, ["length"] * n, [0] * n
+    async for piece in completion:
+        texts[piece.index] += piece.text
+        if piece.finish:
+            finishes[piece.index], counts[piece.index] = piece.finish, piece.tokens
+    choices = [{"index": i, **api.answer(text), "finish_reason": finish}
+               for i, (text, finish) in enumerate(zip(texts, finishes))]
+    return {**head, "object": api.object, "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": sum(counts),
+                      "total_tokens": prompt_tokens + sum(counts)}}
+
+
 def create_app(opened: OpenedModel, name: str, history: int | None = None):
     """``history``: ``--history``, the earlier turns a chat answer sees (None: as many as the model learnt with)."""
     from fastapi import FastAPI, Request
@@ -135,7 +174,7 @@ def create_app(opened: OpenedModel, name: str, history: int | None = None):
         body = request.model_dump()
         settings = sampling_settings(body, SAMPLING)
         prompt_ids = sampler.prompt_ids(request.prompt)
-        return await respond(prompt_ids, settings, body, "text_completion", lambda piece: {"text": piece.text})
+        return await respond(prompt_ids, settings, body, TEXT_API)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatRequest):
@@ -146,41 +185,18 @@ def create_app(opened: OpenedModel, name: str, history: int | None = None):
         settings = sampling_settings(body, CHAT_SAMPLING)
         prompt_ids, room = chat_format.answer_prompt(talk.question, talk.history, opened.model.config.n_positions,
                                                      settings.text_size, turns)
-        return await respond(prompt_ids, settings.with_value("text_size", room), body, "chat.completion",
-                             lambda piece: {"delta": {"content": piece.text}}, chat_reply=True, note=talk.note)
+        return await respond(prompt_ids, settings.with_value("text_size", room), body, CHAT_API, talk.note)
 
-    async def respond(prompt_ids, settings, body, kind, chunk, chat_reply=False, note=None):
+    async def respond(prompt_ids: list[int], settings: SamplingSettings, body: dict, api: ApiShape,
+                      note: str | None = None):
         seed = body["seed"] if body.get("seed") is not None else new_seed()
-        n = body["n"]
-        completion = Completion(worker, prompt_ids, settings, seed, n)
-        ident, created = f"{'chatcmpl' if chat_reply else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
-        head = {"id": ident, "created": created, "model": name, "seed": seed, "settings": settings.to_dict(),
-                **({"notes": [note]} if note else {})}
+        completion = Completion(worker, prompt_ids, settings, seed, body["n"])
+        head = {"id": f"{api.id_prefix}-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": name,
+                "seed": seed, "settings": settings.to_dict(), **({"notes": [note]} if note else {})}
         if body["stream"]:
-            async def events():
-                async for piece in completion:
-                    choice = {"index": piece.index, **chunk(piece), "finish_reason": piece.finish}
-                    event = {**head, "object": kind + ".chunk" if chat_reply else kind, "choices": [choice]}
-                    yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
-                yield "data: [DONE]\n\n"
-
-            return StreamingResponse(events(), media_type="text/event-stream",
+            return StreamingResponse(streamed(completion, head, api), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        texts, finishes, counts = [""] * n, ["length"] * n, [0] * n
-        async for piece in completion:
-            texts[piece.index] += piece.text
-            if piece.finish:
-                finishes[piece.index], counts[piece.index] = piece.finish, piece.tokens
-        completion_tokens = sum(counts)
-        if chat_reply:
-            choices = [{"index": i, "message": {"role": "assistant", "content": t.rstrip()}, "finish_reason": f}
-                       for i, (t, f) in enumerate(zip(texts, finishes))]
-        else:
-            choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
-                       for i, (t, f) in enumerate(zip(texts, finishes))]
-        return {**head, "object": kind, "choices": choices,
-                "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens,
-                          "total_tokens": len(prompt_ids) + completion_tokens}}
+        return await collected(completion, head, api, len(prompt_ids), body["n"])
 
     return app
 

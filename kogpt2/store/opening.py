@@ -7,14 +7,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (CheckpointRecord, find_checkpoint, load_checkpoint, read_record, tokenizer_of,
-                         weights_of)
+from ..corpus.tokenizer import Tokenizer, load_tokenizer
 from ..defaults import PRETRAINED
 from ..errors import KoGPT2Error
-from ..model.hf_layout import infer_config, load_hf_state_dict
 from ..model.gpt import GPT, GPTConfig
+from ..model.hf_layout import infer_config, load_hf_state_dict
+from .checkpoint import CheckpointRecord, find_checkpoint, load_checkpoint, read_record, tokenizer_of, weights_of
 from .pretrained import load_weights, locate
-from ..corpus.tokenizer import Tokenizer, load_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -11,10 +11,10 @@ from urllib.parse import urlparse
 
 import torch
 
-from .checkpoint import load_tensors_only, verify_archive
-from ..errors import KoGPT2Error
 from ..defaults import PRETRAINED as DEFAULT_PRETRAINED
+from ..errors import KoGPT2Error
 from ..model.gpt import GPTConfig
+from .checkpoint import load_tensors_only, verify_archive
 
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 V1_CHECKSUMMED = re.compile(r"_([0-9a-f]{10})\.[A-Za-z]+$")  # pytorch_kogpt2_676e9bcfa7.params

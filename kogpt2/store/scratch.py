@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import io
 import math
-
 from typing import TYPE_CHECKING
 
-from ..errors import KoGPT2Error
 from ..corpus.tokenizer import NEWLINE_V1, SentencePieceTokenizer
+from ..errors import KoGPT2Error
 
 if TYPE_CHECKING:
     from ..model.gpt import GPT

@@ -6,10 +6,9 @@ from contextlib import nullcontext
 
 import torch
 
+from ..corpus.packing import Batch, PackedData
 from ..model.gpt import GPT
 from ..runtime import sum_dtype
-from ..corpus.packing import Batch, PackedData
-
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

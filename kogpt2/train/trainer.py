@@ -10,23 +10,47 @@ from pathlib import Path
 
 import torch
 
-from ..store.checkpoint import (BEST_NAME, TrainingState, checkpoint_name, link_checkpoint, remove_stale_temporaries, resume_hint, rotate,
-                         save_checkpoint, training_payload)
-from ..defaults import (BATCH_SIZE, CLIP, EPOCHS, EVAL_EVERY, FINETUNE_LR, GRAD_ACCUM, KEEP_LAST, PATIENCE, SAVE_EVERY,
-                       SAVE_PATH, SEED, TRAINING_SAMPLE_PHRASE, WARMUP, WEIGHT_DECAY)
-from .distributed import World
+from ..corpus.packing import Batch, PackedData, epoch_order
+from ..corpus.tokenizer import Tokenizer
+from ..defaults import (
+    BATCH_SIZE,
+    CLIP,
+    EPOCHS,
+    EVAL_EVERY,
+    FINETUNE_LR,
+    GRAD_ACCUM,
+    KEEP_LAST,
+    PATIENCE,
+    SAVE_EVERY,
+    SAVE_PATH,
+    SEED,
+    TRAINING_SAMPLE_PHRASE,
+    WARMUP,
+    WEIGHT_DECAY,
+)
 from ..errors import KoGPT2Error
 from ..generation.engine import fixed_sample
-from ..model.hf_layout import hf_state_dict
-from .metrics_log import MetricsLog
 from ..model.gpt import GPT
-from .optim import learning_rate, make_optimizer, steps_per_epoch
 from ..model.head_loss import IGNORE_INDEX
-from ..corpus.packing import Batch, PackedData, epoch_order
+from ..model.hf_layout import hf_state_dict
 from ..runtime import sum_dtype
+from ..store.checkpoint import (
+    BEST_NAME,
+    TrainingState,
+    checkpoint_name,
+    link_checkpoint,
+    remove_stale_temporaries,
+    resume_hint,
+    rotate,
+    save_checkpoint,
+    training_payload,
+)
 from .batch_loss import batch_loss_sum, evaluate
+from .distributed import World
+from .metrics_log import MetricsLog
+from .optim import learning_rate, make_optimizer, steps_per_epoch
 from .safe_stop import StopRequest
-from ..corpus.tokenizer import Tokenizer
+
 
 @dataclass
 class TrainSettings:
