@@ -66,11 +66,26 @@ def test_bad_csv_is_one_clear_line_and_exit_2(tmp_path, capsys, content, column,
     assert len(err.splitlines()) == 1 and message in err and str(csv) in err
 
 
+def read_from_the_cache(monkeypatch, path, tokenizer):
+    """The file's column and token rows read again: only its header is parsed, the rows come from the cache."""
+    import kogpt2.corpus.reading as data
+
+    read = data.CsvFile._read
+
+    def header_only(self, nrows=None):
+        assert nrows == 0, "the cache was not used"
+        return read(self, nrows)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(data.CsvFile, "_read", header_only)
+        column = CsvColumn(path)
+        return column, column.token_rows(tokenizer)
+
+
 def test_tokenized_rows_are_cached_in_one_file_next_to_the_csv(tmp_path, v2_tokenizer_json, v1_spiece, monkeypatch):
     import os
     import stat
 
-    import kogpt2.corpus.reading as data
     from kogpt2.corpus.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(v2_tokenizer_json)
@@ -83,17 +98,8 @@ def test_tokenized_rows_are_cached_in_one_file_next_to_the_csv(tmp_path, v2_toke
     os.umask(umask)
     assert stat.S_IMODE(cache.stat().st_mode) == 0o666 & ~umask  # an ordinary file, not a private one
 
-    read = data.CsvFile._read
-
-    def header_only(self, nrows=None):
-        assert nrows == 0, "the cache was not used"
-        return read(self, nrows)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(data.CsvFile, "_read", header_only)
-        column = CsvColumn(csv)
-        again = column.token_rows(tokenizer)
-        assert (column.rows_read, column.rows_empty) == (2, 0)
+    column, again = read_from_the_cache(monkeypatch, csv, tokenizer)
+    assert (column.rows_read, column.rows_empty) == (2, 0)
     assert np.array_equal(first.ids, again.ids) and np.array_equal(first.offsets, again.offsets)
 
     CsvColumn(csv).token_rows(load_tokenizer(v1_spiece))  # another tokenizer replaces it: one cache per CSV
@@ -191,24 +197,14 @@ def test_excel_unicode_text_utf16_with_bom_is_read(tmp_path, name, bom, codec):
 
 @pytest.mark.parametrize("name, content", [("lines.txt", POEM), ("rows.jsonl", '{"text": "첫 문장"}\n{"text": "둘째"}\n')])
 def test_the_token_cache_serves_text_and_json_lines_files(tmp_path, v2_tokenizer_json, monkeypatch, name, content):
-    import kogpt2.corpus.reading as data
     from kogpt2.corpus.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(v2_tokenizer_json)
     path = tmp_path / name
     path.write_text(content, encoding="utf-8")
     first = CsvColumn(path).token_rows(tokenizer)
-    read = data.CsvFile._read
-
-    def header_only(self, nrows=None):
-        assert nrows == 0, "the cache was not used"
-        return read(self, nrows)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(data.CsvFile, "_read", header_only)
-        column = CsvColumn(path)
-        again = column.token_rows(tokenizer)
-        assert (column.rows_read, column.rows_empty) == ((3, 0) if name.endswith(".txt") else (2, 0))
+    column, again = read_from_the_cache(monkeypatch, path, tokenizer)
+    assert (column.rows_read, column.rows_empty) == ((3, 0) if name.endswith(".txt") else (2, 0))
     assert np.array_equal(first.ids, again.ids) and np.array_equal(first.offsets, again.offsets)
     assert [p.name for p in tmp_path.glob(".*kogpt2cache*")] == [f".{name}.kogpt2cache.npz"]
     if name.endswith(".txt"):  # read another way, the cached rows are not those
