@@ -113,7 +113,7 @@ def train_ours(precision: str, compiled: bool = False) -> dict:
     import torch
 
     from kogpt2.runtime import keep_freed_memory
-    from kogpt2.store.checkpoint import generation_payload, load_checkpoint, save_checkpoint
+    from kogpt2.store.checkpoint import RunOrigin, generation_payload, load_checkpoint, save_checkpoint
     from kogpt2.train.trainer import Trainer, TrainSettings
 
     keep_freed_memory()
@@ -121,7 +121,7 @@ def train_ours(precision: str, compiled: bool = False) -> dict:
     data = packed_blocks(tok)
     with tempfile.TemporaryDirectory() as folder:
         trainer = Trainer(our_model(torch), tok, data, None, TrainSettings(save_path=folder, batch_size=BATCH,
-                          precision=precision, lr=3e-5, warmup=0, compile=compiled), source={})
+                          precision=precision, lr=3e-5, warmup=0, compile=compiled), origin=RunOrigin("random blocks", "", "sent", "none", {}, "text", "bench"))
         trainer.model.train()
         losses, tokens = [], 0
         for i in range(TRAIN_STEPS + WARMUP_STEPS):

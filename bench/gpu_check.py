@@ -70,6 +70,7 @@ def train(kind: str, shape: str, compiled: bool, smoke: bool) -> dict:
 
     from kogpt2.corpus.packing import PackedData
     from kogpt2.model.gpt import GPT
+    from kogpt2.store.checkpoint import RunOrigin
     from kogpt2.train.trainer import Trainer, TrainSettings
 
     config, shapes = sizes(smoke)
@@ -98,7 +99,7 @@ def train(kind: str, shape: str, compiled: bool, smoke: bool) -> dict:
         data = PackedData(blocks, torch.full((len(blocks),), block), len(blocks), 0, blocks.numel())
         folder = tempfile.mkdtemp()
         trainer = Trainer(model, _NoTokenizer(), data, None, TrainSettings(
-            save_path=folder, batch_size=batch, precision="bf16", warmup=0, compile=compiled), source={})
+            save_path=folder, batch_size=batch, precision="bf16", warmup=0, compile=compiled), origin=RunOrigin("random blocks", "", "sent", "none", {}, "text", "bench"))
         model.train()
 
         def step(i: int) -> None:

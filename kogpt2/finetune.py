@@ -26,7 +26,7 @@ from .runtime import (
     pick_precision,
     use_compile,
 )
-from .store.checkpoint import BEST_NAME, find_checkpoint, new_run, regular_checkpoints, run_of_file, source_record
+from .store.checkpoint import BEST_NAME, RunOrigin, find_checkpoint, new_run, regular_checkpoints, run_of_file
 from .store.opening import OpenedModel, open_checkpoint, open_model
 from .store.pretrained import ReleaseUnavailable
 from .store.scratch import is_scratch, scratch_model
@@ -239,9 +239,9 @@ def _trainer(run: argparse.Namespace, world: World, device: torch.device, model:
         samples_dir=run.samples, tensorboard=run.tensorboard, chat=run.chat,
         compile=use_compile(run.compile, device), grad_checkpoint=run.grad_checkpoint)
     recorded_args = {k: v for k, v in vars(run).items() if k != "given"}
-    source = source_record(run.data_file_path, data_sha256, corpus.column, run.pretrained, recorded_args,
-                           "chat" if run.chat else "text", run_id, corpus.turns)
-    return Trainer(model.to(device), tokenizer, train_data, val_data, settings, source, log=say, world=world)
+    origin = RunOrigin(run.data_file_path, data_sha256, corpus.column, run.pretrained, recorded_args,
+                       "chat" if run.chat else "text", run_id, corpus.turns)
+    return Trainer(model.to(device), tokenizer, train_data, val_data, settings, origin, log=say, world=world)
 
 
 def _describe(run: argparse.Namespace, world: World, device: torch.device, trainer: Trainer, train_csv: CsvFile,

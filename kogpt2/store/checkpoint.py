@@ -254,17 +254,28 @@ def run_of_file(path: Path) -> str | None:
     return run_of(payload) if isinstance(payload, dict) else None
 
 
-def source_record(data_path: str, data_sha256: str, column: str, pretrained: str, args: dict, mode: str,
-                  run: str, chat_turns: int = 1) -> dict:
-    """Where a run's model and data came from, and which run it is, stored as-is in each of its checkpoints."""
-    return {"data": {"path": str(data_path), "sha256": data_sha256, "column": column}, "pretrained": pretrained,
-            "mode": mode, "chat_turns": chat_turns, "args": {k: v for k, v in args.items() if v is not None},
-            "run": run}
+@dataclass(frozen=True)
+class RunOrigin:
+    """Where a run's model and data came from, and which run it is: stored in each of its checkpoints."""
+
+    data_path: str
+    data_sha256: str
+    column: str
+    pretrained: str
+    args: dict  # the main.py arguments, defaults resolved
+    mode: str  # "text" or "chat"
+    run: str
+    chat_turns: int = 1
+
+    def keys(self) -> dict:
+        return {"data": {"path": str(self.data_path), "sha256": self.data_sha256, "column": self.column},
+                "pretrained": self.pretrained, "mode": self.mode, "chat_turns": self.chat_turns,
+                "args": {k: v for k, v in self.args.items() if v is not None}, "run": self.run}
 
 
 def training_payload(*, model_state: dict, optimizer_state: dict, config: dict, tokenizer: Tokenizer, progress: dict,
                      schedule: dict, settings: dict, rng: dict, scaler: dict | None, data_fingerprint: str,
-                     source: dict) -> dict:
+                     origin: RunOrigin) -> dict:
     """A resumable checkpoint: everything that continues the run exactly, and the model with its tokenizer."""
     return {
         "format_version": FORMAT_VERSION,
@@ -279,7 +290,7 @@ def training_payload(*, model_state: dict, optimizer_state: dict, config: dict, 
         "rng": rng,
         **({"scaler": scaler} if scaler else {}),
         "data_fingerprint": data_fingerprint,
-        **source,
+        **origin.keys(),
     }
 
 

@@ -36,6 +36,7 @@ from ..model.hf_layout import hf_state_dict
 from ..runtime import sum_dtype
 from ..store.checkpoint import (
     BEST_NAME,
+    RunOrigin,
     TrainingState,
     checkpoint_name,
     link_checkpoint,
@@ -91,12 +92,12 @@ class Progress:
 
 class Trainer:
     def __init__(self, model: GPT, tokenizer: Tokenizer, train_data: PackedData, val_data: PackedData | None,
-                 settings: TrainSettings, source: dict, log=print, world: World = World()) -> None:
-        """``source`` (``checkpoint.source_record``: data, arguments, pretrained model) goes into every checkpoint.
+                 settings: TrainSettings, origin: RunOrigin, log=print, world: World = World()) -> None:
+        """``origin`` (data, arguments, pretrained model, the run's identity) goes into every checkpoint.
 
         Under torchrun each step's global batch of ``batch_size x world.size`` blocks is split between the ranks,
         so N processes follow the same path as one process with an N times larger batch."""
-        self.model, self.tokenizer, self.settings, self.source, self.world = model, tokenizer, settings, source, world
+        self.model, self.tokenizer, self.settings, self.origin, self.world = model, tokenizer, settings, origin, world
         self.log = log if world.is_main else (lambda *args, **kwargs: None)
         self.train_data, self.val_data = train_data, val_data
         self.device = next(model.parameters()).device
@@ -144,7 +145,7 @@ class Trainer:
                       "lr": self.learning_rate(self.progress.step)},
             settings=asdict(self.settings), rng={**rng_per_rank[0], "per_rank": rng_per_rank},
             scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            data_fingerprint=self.train_data.fingerprint, source=self.source)
+            data_fingerprint=self.train_data.fingerprint, origin=self.origin)
 
     def learning_rate(self, step: int) -> float:
         return learning_rate(step, self.settings.lr, self.settings.warmup, self.total_steps)
@@ -177,7 +178,7 @@ class Trainer:
         if self.last_saved_step != self.progress.step:
             save_checkpoint(path, self.state(rng_per_rank), self.go_on())
             self.last_saved_step = self.progress.step
-            rotate(self.save_path, self.settings.keep_last, self.source["run"], self.progress.step)
+            rotate(self.save_path, self.settings.keep_last, self.origin.run, self.progress.step)
         if best:
             link_checkpoint(path, self.save_path / BEST_NAME, self.go_on())
         return path
