@@ -133,7 +133,14 @@ class TextCorpus:
         """``seed`` chooses the validation rows, as ``validation_mask`` does everywhere."""
         self.text, self.cache, self.seed = CsvColumn(csv, column), cache, seed
         self.column = self.text.column
-        self.rows_read, self.rows_empty = self.text.rows_read, self.text.rows_empty
+
+    @property
+    def rows_read(self) -> int:  # asked after packing: a warm token cache knows it without parsing the file
+        return self.text.rows_read
+
+    @property
+    def rows_empty(self) -> int:
+        return self.text.rows_empty
 
     def texts(self, val_ratio: float) -> list[str]:
         """What a scratch tokenizer learns from: the rows training will use (``val_ratio`` 0: all)."""
