@@ -284,25 +284,28 @@ class Trainer:
         mean over all their real tokens. Returns it, the token count, and whether any rank was asked to stop.
         The first compiled step falls back to eager, with one line, if the compiler fails (only then: an error of
         the device, such as a failed assert, leaves its context broken and is not retried)."""
-        from torch._dynamo.exc import TorchDynamoException
-
         try:
-            try:
-                result = self._optimizer_step(group, stop_here)
-            except TorchDynamoException as error:
-                if self.compile_checked:
-                    raise
-                reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
-                self.log(f"note: torch.compile failed ({type(error).__name__}: {reason}); training goes on without it")
-                self.optimizer.zero_grad(set_to_none=True)
-                self.forward_model = self.eager_model
-                self.model.plain_autograd = False
-                result = self._optimizer_step(group, stop_here)
+            if self.compile_checked:
+                return self._optimizer_step(group, stop_here)
+            result = self._first_compiled_step(group, stop_here)
             self.compile_checked = True
             return result
         except torch.OutOfMemoryError:
             self.optimizer.zero_grad(set_to_none=True)
             raise KoGPT2Error(self._out_of_memory()) from None
+
+    def _first_compiled_step(self, group: list[torch.Tensor], stop_here: bool) -> tuple[float, int, bool]:
+        from torch._dynamo.exc import TorchDynamoException  # 1.4 s to import: only when compiling
+
+        try:
+            return self._optimizer_step(group, stop_here)
+        except TorchDynamoException as error:
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+            self.log(f"note: torch.compile failed ({type(error).__name__}: {reason}); training goes on without it")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.forward_model = self.eager_model
+            self.model.plain_autograd = False
+            return self._optimizer_step(group, stop_here)
 
     def _out_of_memory(self) -> str:
         settings = self.settings
