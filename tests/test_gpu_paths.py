@@ -211,14 +211,3 @@ def test_deterministic_is_switched_on_and_kept_by_a_resume(tmp_path, capsys, mon
         assert "--deterministic" in capsys.readouterr().out and torch.are_deterministic_algorithms_enabled()
     finally:
         torch.use_deterministic_algorithms(False)
-
-
-def test_generation_dtype_auto_is_fp32_on_the_cpu_and_half_on_gpus(monkeypatch):
-    from kogpt2.runtime import pick_precision
-
-    assert pick_precision("auto", torch.device("cpu")) == "fp32"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
-    assert pick_precision("auto", torch.device("cuda")) == "fp16"
-    import generator
-
-    assert generator.parse_args([]).dtype == "auto"
