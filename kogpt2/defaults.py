@@ -43,6 +43,11 @@ EVAL_SPLIT = "all"
 COPY_WORDS = 8  # --no_copy: the longest run of words a sample may share with a training row
 HOST = "127.0.0.1"  # --serve: this computer only
 PORT = 8000
+MAX_BATCH = None  # --serve: samples decoded together; None: fitted to the device (generation/batching.py)
+MAX_QUEUE = 32  # --serve: requests waiting for a place in the batch; past it, 503 at once
+API_KEY_ENV = "KOGPT2_API_KEY"  # --serve: where the key is read when --api_key is not given
+MAX_BODY_BYTES = 4 * 2**20  # --serve: a larger request body gets 413
+OPENAI_PENALTY = 2.0  # presence and frequency penalties lie in [-this, this]
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,8 @@ class SamplingSettings:
     top_k: int = 40  # 0: all tokens
     top_p: float = 0.9
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0  # OpenAI's, in [-OPENAI_PENALTY, OPENAI_PENALTY]
+    frequency_penalty: float = 0.0
     no_repeat_ngram: int = 0
     text_size: int = 250  # most new tokens
     stop: tuple[str, ...] = field(default_factory=tuple)
@@ -65,6 +72,10 @@ class SamplingSettings:
             raise KoGPT2Error(f"top_p must be in (0, 1], not {self.top_p}")
         if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise KoGPT2Error(f"repetition_penalty must be a positive number, not {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -OPENAI_PENALTY <= getattr(self, name) <= OPENAI_PENALTY:
+                raise KoGPT2Error(f"{name} must be in [-{OPENAI_PENALTY:g}, {OPENAI_PENALTY:g}], not "
+                                  f"{getattr(self, name)}")
         if self.top_k < 0:
             raise KoGPT2Error(f"top_k must be 0 (all tokens) or more, not {self.top_k}")
         if self.no_repeat_ngram < 0:
@@ -102,3 +113,5 @@ TRAINING_SAMPLE = SamplingSettings(temperature=0.8, top_k=40, top_p=0.95, text_s
 # The HTTP API's bounds on one request.
 MAX_TOKENS = 2048
 MAX_SAMPLES = 16
+MAX_LOGPROBS = 5  # OpenAI's
+MAX_PROMPT_CHARS = 100_000

@@ -13,17 +13,17 @@ from .generation.engine import TextSampler
 from .generation.outputs import Sample, read_prompts, save_sample_file, write_rows, write_table
 from .generation.prompt_loop import PromptLoop, converse, settings_from
 from .runtime import pick_device, pick_precision
+from .serve.server import serve, serve_options
 from .store.opening import OpenedModel, open_model
 
 
 def run(args: argparse.Namespace) -> int:
+    serving = serve_options(args) if args.serve else None  # its key is checked before a model is opened
     device = pick_device(args.device)
     opened = open_model(args.load_path, args.pretrained, device, pick_precision(args.dtype, device))
     opened.model.eval()
-    if args.serve:
-        from .serve.server import serve
-
-        serve(opened, opened.source, args.host, args.port, args.history)
+    if serving:
+        serve(opened, serving)
         return 0
     if args.chat or opened.chat:
         _chat(args, opened, settings_from(args, CHAT_SAMPLING))

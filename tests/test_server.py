@@ -74,11 +74,12 @@ def cli_text(checkpoint: Path, prompt: str, capsys, *flags) -> str:
 
 
 def test_banner_health_and_models(server, trained):
-    assert server.banner.startswith(f"serving {trained / 'KoGPT2_best.tar'} at http://127.0.0.1:{server.port}/")
+    assert server.banner.startswith(f"serving KoGPT2_best ({trained / 'KoGPT2_best.tar'}) at "
+                                    f"http://127.0.0.1:{server.port}/  (API: /v1/completions;")
     status, body = server.get("/health")
     assert status == 200 and json.loads(body)["status"] == "ok"
     models = json.loads(server.get("/v1/models")[1])
-    assert models["data"][0]["id"] == str(trained / "KoGPT2_best.tar") and models["data"][0]["mode"] == "text"
+    assert models["data"][0]["id"] == "KoGPT2_best" and models["data"][0]["mode"] == "text"
     status, page = server.get("/")
     assert status == 200 and "생성 / Generate" in page and "<script src=\"/app.js\">" in page
 
@@ -166,8 +167,16 @@ def test_thirty_concurrent_requests_get_thirty_right_answers(server):
     ({"prompt": "a", "temperature": -1}, "temperature: Input should be greater than or equal to 0"),
     ({"prompt": "a", "top_p": 1.5}, "top_p: Input should be less than or equal to 1"),
     ({"prompt": "a", "n": 0}, "n: Input should be greater than or equal to 1"),
-    ({"prompt": "a", "max_tokens": 0}, "max_tokens: Input should be greater than or equal to 1"),
-    ({"prompt": 5}, "prompt: Input should be a valid string"),
+    ({"prompt": "a", "max_tokens": 0}, "max_tokens: 0 is only allowed with echo"),
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": []}, "prompt: give at least one prompt"),
+    ({"prompt": [1, 10**6]}, "prompt: token id 1000000 is not in this model's vocabulary"),
+    ({"prompt": "a", "best_of": 2}, "best_of: only 1 is supported"),
+    ({"prompt": "a", "suffix": "끝"}, "suffix: insertion is not supported"),
+    ({"prompt": "a", "logprobs": 6}, "logprobs: Input should be less than or equal to 5"),
+    ({"prompt": "a", "logit_bias": {"x": 1}}, "logit_bias"),
+    ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "at most 4 stop strings"),
+    ({"prompt": "a", "n": 9}, "n: at most 8 samples per prompt"),
     ({"max_tokens": 5}, "prompt: this field is required"),
     ({"prompt": "a", "stop": [1]}, "stop"),
 ])
@@ -182,24 +191,51 @@ def test_bad_requests_get_400_while_a_good_one_is_served(server, body, message):
     assert good["status"] == 200 and good["body"]["choices"][0]["text"]
 
 
-def test_a_client_that_leaves_frees_the_server(server):
-    connection, response = stream_events(server, {"prompt": "긴 글", "max_tokens": 2048, "seed": 1})
-    for _ in range(3):
-        response.readline()
+def health(server) -> dict:
+    return json.loads(server.get("/health")[1])
+
+
+def freed(server, seconds: float = 5) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if health(server)["rows"] == 0:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+ENDLESS = {"prompt": "긴 글", "max_tokens": 250, "n": 8, "seed": 1, "logit_bias": {"1": -100}}  # </s> banned
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_leaves_frees_its_rows(server, stream):
+    steps = health(server)["steps"]
+    connection = server.connection()
+    connection.request("POST", "/v1/completions", json.dumps({**ENDLESS, "stream": stream}),
+                       {"Content-Type": "application/json"})
+    while health(server)["steps"] < steps + 3:  # it runs
+        time.sleep(0.01)
     connection.sock.shutdown(socket.SHUT_RDWR)
     connection.close()
-    started = time.monotonic()
+    assert freed(server) and health(server)["steps"] < steps + 250  # it left before its 250 tokens
     status, answer = server.post("/v1/completions", {"prompt": "다음", "max_tokens": 5, "seed": 2})
-    assert status == 200 and time.monotonic() - started < 10  # not behind 2,048 tokens for nobody
-    assert json.loads(server.get("/health")[1])["waiting"] == 0
+    assert status == 200 and health(server)["waiting"] == 0
 
 
-def test_a_long_prompt_is_cut_from_the_left_like_the_cli(server, trained, capsys):
+def test_a_prompt_that_does_not_fit_is_openais_400(server):
     prompt = "오늘 " * 400  # longer than the tiny model's 256 positions
     status, answer = server.post("/v1/completions", {"prompt": prompt, "max_tokens": 8, "temperature": 0})
-    assert status == 200
-    assert prompt + answer["choices"][0]["text"] == cli_text(trained / "KoGPT2_best.tar", prompt, capsys,
-                                                             "--text_size", 8, "--temperature", 0)
+    error = answer["error"]
+    assert status == 400 and error["code"] == "context_length_exceeded" and error["param"] == "prompt"
+    assert error["message"].startswith("This model's maximum context length is 256 tokens, however you requested ")
+    assert "in your prompt; 8 for the completion)" in error["message"]
+    status, fits = server.post("/v1/completions", {"prompt": "오늘", "max_tokens": 1})
+    prompt_tokens = fits["usage"]["prompt_tokens"]
+    assert status == 200 and server.post("/v1/completions", {"prompt": "오늘", "max_tokens": 256 - prompt_tokens,
+                                                             "temperature": 0, "logit_bias": {"1": -100}})[0] == 200
+    status, answer = server.post("/v1/completions", {"prompt": "오늘", "max_tokens": 257 - prompt_tokens})
+    assert status == 400 and (f"requested 257 tokens ({prompt_tokens} in your prompt; {257 - prompt_tokens} for the "
+                              "completion)") in answer["error"]["message"]
 
 
 @pytest.fixture(scope="module")

@@ -73,28 +73,33 @@ class DecodingStep:
 
 
 class GraphStep:
-    """One fixed-shape decoding step over a cache of the model's whole window, with its token and position in
-    fixed buffers; on CUDA captured once as a CUDA graph and replayed for every token (one launch instead of ~150
-    kernel launches, which otherwise cost more host time than the GPU needs to run them). Where capturing fails,
-    the same step runs eagerly. ``graph_step`` keeps one per model, batch size, dtype and device, so a capture (which
-    synchronises and empties the allocator's cache) happens once, not on every prompt."""
+    """One fixed-shape decoding step over a cache of the model's whole window, each row at its own position, with
+    the tokens and positions in fixed buffers; on CUDA captured once as a CUDA graph and replayed for every token
+    (one launch instead of ~150 kernel launches, which otherwise cost more host time than the GPU needs to run
+    them). Where capturing fails, the same step runs eagerly. ``graph_step`` keeps one per model, batch size, dtype
+    and device, so a capture (which synchronises and empties the allocator's cache) happens once, not on every
+    prompt; a server's batch keeps its own over its own cache."""
 
-    def __init__(self, model: GPT, batch: int) -> None:
+    def __init__(self, model: GPT, cache: KVCache) -> None:
         self.model = weakref.ref(model)  # kept per model in a weak map: the step must not keep its model alive
-        self.cache = model.kv_cache(batch, model.config.n_positions)
-        device = self.cache.buffer.device
+        self.cache = cache
+        batch, device = cache.buffer.shape[2], cache.buffer.device
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.input_pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.input_pos = torch.zeros(batch, 1, dtype=torch.long, device=device)  # each row's slot
         self.capture, self.graph, self.logits = device.type == "cuda", None, None
         self.captures = 0
 
     def _forward(self) -> torch.Tensor:
         return last_logits(self.model(), self.token, self.input_pos, self.cache)
 
-    def __call__(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
-        """Logits after ``tokens`` [batch], written at slot ``position``."""
+    def __call__(self, tokens: torch.Tensor, positions: int | torch.Tensor) -> torch.Tensor:
+        """Logits [batch, vocab] after ``tokens`` [batch], written at slot ``positions`` (one for all rows, or
+        [batch])."""
         self.token.copy_(tokens.view(-1, 1))
-        self.input_pos.fill_(position)
+        if isinstance(positions, int):
+            self.input_pos.fill_(positions)
+        else:
+            self.input_pos.copy_(positions.view(-1, 1))
         if self.capture and self.graph is None:
             self._capture()
         if self.graph is not None:
@@ -128,5 +133,5 @@ def graph_step(model: GPT, batch: int) -> GraphStep:
     steps = _GRAPH_STEPS.setdefault(model, {})
     key = (batch, weight.dtype, weight.device)
     if key not in steps:
-        steps[key] = GraphStep(model, batch)
+        steps[key] = GraphStep(model, model.kv_cache(batch, model.config.n_positions))
     return steps[key]

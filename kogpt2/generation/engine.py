@@ -15,7 +15,8 @@ from ..defaults import TRAINING_SAMPLE, TRAINING_SAMPLE_QUESTION, SamplingSettin
 from ..errors import KoGPT2Error
 from ..model.gpt import GPT
 from .decoding_step import DecodingStep, graph_step
-from .sampling import apply_repetition_penalty, block_repeated_ngrams, sample_next
+from .sampling import (apply_logit_bias, apply_presence_frequency, apply_repetition_penalty, block_repeated_ngrams,
+                       sample_next)
 
 
 def never_generated(tokenizer: Tokenizer) -> list[int]:
@@ -86,6 +87,53 @@ class TokenList:
         return False
 
 
+class Draws:
+    """The samples of one prompt as they are drawn: every row's tokens so far (for the n-gram block, the penalties
+    and a slide of the window) and the one chain from a step's logits to the next tokens, so the CLI and the
+    server's batch draw alike for the same settings and seed."""
+
+    def __init__(self, prompt_ids: list[int], rows: int, settings: SamplingSettings, rng: torch.Generator | None,
+                 suppress: list[int], device: torch.device, logit_bias: dict[int, float] | None = None) -> None:
+        self.settings, self.rng, self.logit_bias = settings, rng, logit_bias or {}
+        self.rows = [list(prompt_ids) for _ in range(rows)]  # prompt and new tokens of each batch row
+        self.blocked = torch.tensor(list(suppress), dtype=torch.long, device=device)
+        # [rows, tokens] for the repetition penalty; [rows, vocab] counts of new tokens for OpenAI's penalties
+        self.seen = torch.tensor(self.rows, device=device) if settings.repetition_penalty != 1.0 else None
+        self.counts: torch.Tensor | None = None
+        self.counting = settings.presence_penalty != 0 or settings.frequency_penalty != 0
+
+    def next_tokens(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next token of each row [rows], drawn from ``logits`` [rows, vocab], and taken into the rows."""
+        s = self.settings
+        if self.seen is not None:
+            logits = apply_repetition_penalty(logits, self.seen, s.repetition_penalty)
+        if self.counting:
+            if self.counts is None:
+                self.counts = torch.zeros(logits.shape, dtype=torch.int32, device=logits.device)
+            logits = apply_presence_frequency(logits, self.counts, s.presence_penalty, s.frequency_penalty)
+        logits = apply_logit_bias(logits, self.logit_bias)
+        logits = block_repeated_ngrams(logits, self.rows, s.no_repeat_ngram)
+        if len(self.blocked):
+            logits = logits.index_fill(1, self.blocked, float("-inf"))
+        tokens = sample_next(logits, s.temperature, s.top_k, s.top_p, self.rng)  # [rows]
+        for row, token in zip(self.rows, tokens.tolist()):
+            row.append(token)
+        if self.seen is not None:
+            self.seen = torch.cat([self.seen, tokens.view(-1, 1)], dim=1)
+        if self.counts is not None:
+            self.counts.scatter_add_(1, tokens.view(-1, 1), torch.ones_like(tokens, dtype=torch.int32).view(-1, 1))
+        return tokens
+
+    def keep(self, kept: list[int]) -> None:
+        """Only these rows draw on (their samples go on)."""
+        self.rows = [self.rows[r] for r in kept]
+        index = torch.tensor(kept, device=self.blocked.device)
+        if self.seen is not None:
+            self.seen = self.seen[index]
+        if self.counts is not None:
+            self.counts = self.counts[index]
+
+
 @torch.no_grad()
 def generate_ids(model: GPT, prompt_ids: list[int], settings: SamplingSettings, samples: list[Sample],
                  rng: torch.Generator | None = None, suppress: list[int] = (),
@@ -104,37 +152,28 @@ def generate_ids(model: GPT, prompt_ids: list[int], settings: SamplingSettings, 
     device = next(model.parameters()).device
     static = device.type == "cuda" if static is None else static
     window = model.config.n_positions
-    rows = [list(prompt_ids[-window:]) for _ in samples]  # prompt and new tokens of each batch row
+    prompt = list(prompt_ids[-window:])
+    draws = Draws(prompt, len(samples), settings, rng, suppress, device)
     owner = list(range(len(samples)))  # the sample each batch row draws for
     going = [True] * len(samples)  # per batch row
-    decoder = Decoder(model, len(samples), min(window, len(rows[0]) + settings.text_size), static)
-    seen = torch.tensor(rows, device=device)  # [batch, tokens], for the repetition penalty
-    blocked = torch.tensor(list(suppress), dtype=torch.long, device=device)
-    logits = decoder.prefill(seen)  # [batch, vocab]
+    decoder = Decoder(model, len(samples), min(window, len(prompt) + settings.text_size), static)
+    logits = decoder.prefill(torch.tensor(draws.rows, device=device))  # [batch, vocab]
     for _ in range(settings.text_size):
-        if settings.repetition_penalty != 1.0:
-            logits = apply_repetition_penalty(logits, seen, settings.repetition_penalty)
-        logits = block_repeated_ngrams(logits, rows, settings.no_repeat_ngram)
-        if len(blocked):
-            logits = logits.index_fill(1, blocked, float("-inf"))
-        tokens = sample_next(logits, settings.temperature, settings.top_k, settings.top_p, rng)  # [batch]
+        tokens = draws.next_tokens(logits)  # [batch]
         for row, token in enumerate(tokens.tolist()):
-            rows[row].append(token)
             if going[row]:
                 going[row] = not samples[owner[row]].push(token)
                 yield owner[row]
         if not any(going):
             return
-        if settings.repetition_penalty != 1.0:
-            seen = torch.cat([seen, tokens.view(-1, 1)], dim=1)
         if not all(going):
             kept = [row for row, on in enumerate(going) if on]
             if decoder.keep_rows(torch.tensor(kept, device=device)):
-                index = torch.tensor(kept, device=device)
-                rows, owner, going = [rows[r] for r in kept], [owner[r] for r in kept], [True] * len(kept)
-                tokens, seen = tokens[index], seen[index]
+                draws.keep(kept)
+                owner, going = [owner[r] for r in kept], [True] * len(kept)
+                tokens = tokens[torch.tensor(kept, device=device)]
         if decoder.full:  # slide: the newest half of the text becomes the new prompt
-            logits = decoder.prefill(torch.tensor([row[-(window // 2):] for row in rows], device=device))
+            logits = decoder.prefill(torch.tensor([row[-(window // 2):] for row in draws.rows], device=device))
         else:
             logits = decoder.step(tokens)
 
@@ -268,11 +307,9 @@ class TextSampler:
     def stream(self, prompt_ids: list[int], settings: SamplingSettings, seed: int,
                num_samples: int = 1) -> Iterator[Piece]:
         """Pieces of ``num_samples`` continuations drawn together; each sample ends with one ``done`` piece."""
-        rng = torch.Generator(device=self.device).manual_seed(seed)
-        samples = [SampleText(i, self.tokenizer, prompt_ids, self.end_ids, settings.stop, self.trim_start)
-                   for i in range(num_samples)]
+        samples = self.sample_texts(prompt_ids, settings, num_samples)
         ended = set()
-        for index in generate_ids(self.model, prompt_ids, settings, samples, rng, self.suppress):
+        for index in generate_ids(self.model, prompt_ids, settings, samples, self.generator(seed), self.suppress):
             piece = samples[index].piece
             if piece is not None:
                 if piece.done:
@@ -281,6 +318,15 @@ class TextSampler:
         for sample in samples:
             if sample.index not in ended:
                 yield sample.finish()
+
+    def sample_texts(self, prompt_ids: list[int], settings: SamplingSettings, num_samples: int) -> list[SampleText]:
+        """The texts of ``num_samples`` samples of ``prompt_ids``, each ending where this sampler's samples end."""
+        return [SampleText(i, self.tokenizer, prompt_ids, self.end_ids, settings.stop, self.trim_start)
+                for i in range(num_samples)]
+
+    def generator(self, seed: int) -> torch.Generator:
+        """The random generator a seed names: one per prompt, so its text depends on nothing else drawn."""
+        return torch.Generator(device=self.device).manual_seed(seed)
 
     def complete(self, prompt_ids: list[int], settings: SamplingSettings, seed: int, num_samples: int = 1) -> list[str]:
         """The whole continuation of each sample."""

@@ -13,6 +13,24 @@ def apply_repetition_penalty(logits: torch.Tensor, previous: torch.Tensor, penal
     return logits.scatter(1, previous, seen)
 
 
+def apply_presence_frequency(logits: torch.Tensor, counts: torch.Tensor, presence: float,
+                             frequency: float) -> torch.Tensor:
+    """OpenAI's penalties: lower each token by ``presence`` once it has been generated, and by ``frequency`` for each
+    time it has; ``counts`` [batch, vocab] counts the generated tokens (the prompt's do not count)."""
+    if presence == 0 and frequency == 0:
+        return logits
+    return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts.to(logits.dtype)
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> torch.Tensor:
+    """Add ``bias`` to the logits of its token ids (OpenAI's ``logit_bias``: -100 bans a token, 100 forces it)."""
+    if not bias:
+        return logits
+    ids = torch.tensor(list(bias), device=logits.device)
+    return logits.index_add(1, ids, torch.tensor(list(bias.values()), device=logits.device,
+                                                  dtype=logits.dtype).expand(logits.shape[0], -1))
+
+
 def block_repeated_ngrams(logits: torch.Tensor, previous: list[list[int]], n: int) -> torch.Tensor:
     """Forbid any token that would complete an n-gram already present in that row (0 = off)."""
     if n <= 0:

@@ -128,9 +128,10 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """The last layer's output [batch, time, n_embd], before the head.
 
-        With a ``cache``, ``idx`` holds only the new tokens and ``input_pos`` [time] the cache slots they go to: the
-        caller owns the decoding position (as in gpt-fast), so a step's shapes never depend on a Python number and
-        it can be captured as a CUDA graph. Each token attends to every slot up to its own.
+        With a ``cache``, ``idx`` holds only the new tokens and ``input_pos`` [time] the cache slots they go to, or
+        [batch, time] where each row is at its own position (a server's batch of unrelated requests): the caller owns
+        the decoding position (as in gpt-fast), so a step's shapes never depend on a Python number and it can be
+        captured as a CUDA graph. Each token attends to every slot up to its own.
         ``attention_mask`` [batch, slots] marks real tokens (1) and padding (0), for batched prompts of different
         lengths; positions then count each row's real tokens. ``segments`` [batch, time] numbers the independent
         examples packed into a row (chat): each starts again at position 0 and attends only to itself, so its
@@ -144,7 +145,7 @@ class GPT(nn.Module):
         else:
             slots = cache.capacity if cache is not None else T
             input_pos = torch.arange(T, device=idx.device) if input_pos is None else input_pos  # [T]
-            positions = input_pos.expand(B, T)
+            positions = input_pos.expand(B, T)  # [B, T]
             if attention_mask is not None:
                 real = F.pad(attention_mask.long(), (0, slots - attention_mask.shape[1]))  # [B, slots]
                 positions = (real.cumsum(-1) - 1).clamp(min=0)[:, input_pos]
@@ -177,7 +178,7 @@ class GPT(nn.Module):
 
     def _mask(self, input_pos: torch.Tensor, slots: int, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """[batch or 1, 1, time, slots]: each query sees the slots up to its own, less padding."""
-        mask = self.causal[input_pos, :slots][None, None]  # [1, 1, T, slots]
+        mask = self.causal[input_pos, :slots].unsqueeze(-3)  # [1 or B, 1, T, slots] (broadcast: [1, T, slots])
         if attention_mask is None:
             return mask
         real = F.pad(attention_mask.bool(), (0, slots - attention_mask.shape[1]))  # [B, slots]

@@ -13,17 +13,42 @@ class KVCache:
                  dtype: torch.dtype) -> None:
         self.buffer = torch.zeros(n_layer, 2, batch_size, n_head, slots, head_dim, device=device, dtype=dtype)
 
+    @classmethod
+    def over(cls, buffer: torch.Tensor) -> "KVCache":
+        """A cache over part of another's buffer (a view: writes land in the other's storage)."""
+        cache = cls.__new__(cls)
+        cache.buffer = buffer
+        return cache
+
+    def view(self, rows: int, slots: int) -> "KVCache":
+        """The first ``rows`` rows and ``slots`` slots, sharing this cache's storage: a batch that keeps its live rows
+        first steps over them alone, attending to no slot past the longest row."""
+        return KVCache.over(self.buffer[:, :, :rows, :, :slots])
+
+    def row(self, row: int) -> "KVCache":
+        return KVCache.over(self.buffer[:, :, row:row + 1])
+
     @property
     def capacity(self) -> int:
         return self.buffer.shape[-2]
 
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write ``k``, ``v`` [batch, head, time, head_dim] at slots ``input_pos`` [time]; return every slot's."""
+        """Write ``k``, ``v`` [batch, head, time, head_dim] at slots ``input_pos``: [time], the same for every row, or
+        [batch, time], each row its own; return every slot's."""
         keys, values = self.buffer[layer, 0], self.buffer[layer, 1]  # [batch, head, slots, head_dim]
-        keys.index_copy_(2, input_pos, k)
-        values.index_copy_(2, input_pos, v)
+        if input_pos.dim() == 1:
+            keys.index_copy_(2, input_pos, k)
+            values.index_copy_(2, input_pos, v)
+        else:
+            index = input_pos[:, None, :, None].expand_as(k)  # [batch, head, time, head_dim]
+            keys.scatter_(2, index, k)
+            values.scatter_(2, index, v)
         return keys, values
+
+    def copy_row(self, source: int, target: int, slots: int) -> None:
+        """Row ``source``'s first ``slots`` slots into row ``target`` (a batch closing the gap a row left)."""
+        self.buffer[:, :, target, :, :slots] = self.buffer[:, :, source, :, :slots]
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Only these batch rows go on (samples that ended leave the batch)."""

@@ -1,85 +1,116 @@
-"""``generator.py --serve``: a local web page and an OpenAI-style HTTP API over the same sampling engine as the CLI.
-
-One worker thread owns the model: requests wait in a queue and run one at a time (a request's ``n`` samples are
-drawn together as one batch), so no two threads are ever inside the model. A client that disconnects mid-stream
-cancels its generation, and the next request starts at once.
+"""``generator.py --serve``: a local web page and an OpenAI-compatible HTTP API over the same sampling engine as the
+CLI, with continuous batching (``generation/batching.py``): concurrent requests decode together, each with its own
+settings and seed. Answers and errors take OpenAI's shapes, so the ``openai`` client and lm-eval use it as they are.
 """
 
 import asyncio
 import errno
+import hmac
+import ipaddress
 import json
 import os
-import queue
 import socket
 import sys
-import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from importlib import resources
+from pathlib import Path
 from typing import Callable
 
 from ..corpus.chat_format import ChatFormat, conversation, history_note, history_turns
-from ..defaults import CHAT_SAMPLING, SAMPLING, SamplingSettings
+from ..defaults import API_KEY_ENV, CHAT_SAMPLING, MAX_BODY_BYTES, SAMPLING, SamplingSettings
 from ..errors import KoGPT2Error
+from ..generation.batching import Batcher, Request, TokenScore, fitted_batch
 from ..generation.engine import Piece, TextSampler, chat_sampler, new_seed
 from ..store.opening import OpenedModel
+from .logprobs import TokenLogprobs
 
 SERVE_INSTALL = "pip install -r requirements-serve.txt  (fastapi, uvicorn)"
+RETRY_AFTER_SECONDS = 1
+DISCONNECT_POLL_SECONDS = 0.05
 
 
-@dataclass
-class Job:
-    prompt_ids: list[int]
-    settings: SamplingSettings
-    seed: int
-    n: int
-    emit: Callable[[Piece | None], None]  # None: the job is over
-    cancelled: threading.Event = field(default_factory=threading.Event)
+@dataclass(frozen=True)
+class ServeOptions:
+    name: str | None  # the model's id in the API (None: the checkpoint's file name)
+    host: str
+    port: int
+    history: int | None  # --history: earlier chat turns kept (None: as many as the model learnt with)
+    api_key: str | None
+    max_batch: int | None  # None: fitted to the device
+    max_queue: int
 
 
-class ModelWorker:
-    """The one thread that runs the model, taking jobs in the order they came."""
+class ApiError(Exception):
+    """A request refused, in OpenAI's error shape."""
 
-    def __init__(self, sampler: TextSampler) -> None:
-        self.sampler = sampler
-        self.jobs: queue.Queue[Job] = queue.Queue()
-        threading.Thread(target=self._work, name="kogpt2-model", daemon=True).start()
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None, headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
+        self.headers = headers
 
-    def _work(self) -> None:
-        while True:
-            job = self.jobs.get()
-            try:
-                if not job.cancelled.is_set():
-                    for piece in self.sampler.stream(job.prompt_ids, job.settings, job.seed, job.n):
-                        job.emit(piece)
-                        if job.cancelled.is_set():
-                            break
-            finally:
-                job.emit(None)
+    def response(self):
+        from fastapi.responses import JSONResponse
+
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
 class Completion:
-    """One request's pieces, delivered from the worker thread to the request's event loop."""
+    """One HTTP request's model requests (one a prompt), their events delivered to the request's event loop as
+    (prompt index, event)."""
 
-    def __init__(self, worker: ModelWorker, prompt_ids: list[int], settings: SamplingSettings, seed: int, n: int):
+    def __init__(self, batcher: Batcher) -> None:
+        self.batcher = batcher
         self.loop = asyncio.get_running_loop()
-        self.pieces: asyncio.Queue[Piece | None] = asyncio.Queue()
-        self.job = Job(prompt_ids, settings, seed, n, lambda p: self.loop.call_soon_threadsafe(self.pieces.put_nowait, p))
-        worker.jobs.put(self.job)
+        self.events: asyncio.Queue[tuple[int, object]] = asyncio.Queue()
+        self.requests: list[Request] = []
+
+    def add(self, prompt_ids: list[int], settings: SamplingSettings | None, seed: int, n: int,
+            logprobs: int | None = None, echo: bool = False, logit_bias: dict | None = None) -> None:
+        index = len(self.requests)
+        self.requests.append(Request(prompt_ids, settings, seed, n, lambda event: self.loop.call_soon_threadsafe(
+            self.events.put_nowait, (index, event)), logprobs, echo, logit_bias or {}))
+
+    def submit(self, queue_size: int) -> None:
+        """Queue every prompt, or none: a full line is a 503 the client may retry."""
+        for request in self.requests:
+            if not self.batcher.submit(request):
+                self.cancel()
+                raise ApiError(503, f"the server is busy ({queue_size} requests are waiting); retry in "
+                                    f"{RETRY_AFTER_SECONDS} s", "server_error", "server_busy",
+                               headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+    def cancel(self) -> None:
+        for request in self.requests:
+            request.cancelled.set()
 
     async def __aiter__(self):
+        open_requests = len(self.requests)
         try:
-            while (piece := await self.pieces.get()) is not None:
-                yield piece
-        finally:  # done, or the client went away: either way the worker may move on
-            self.job.cancelled.set()
+            while open_requests:
+                index, event = await self.events.get()
+                if event is None:
+                    open_requests -= 1
+                elif isinstance(event, Exception):
+                    raise ApiError(500, f"the model failed: {event}", "server_error")
+                else:
+                    yield index, event
+        finally:  # done, or the client went away: either way its rows leave the batch at the next step
+            self.cancel()
 
 
-def sampling_settings(body: dict, base: SamplingSettings) -> SamplingSettings:
-    """A request's sampling fields over ``base``; OpenAI's ``max_tokens`` is our ``text_size``."""
-    names = ("temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ngram", "stop")
-    return base.updated({"text_size": body.get("max_tokens"), **{name: body.get(name) for name in names}})
+@dataclass
+class Choice:
+    """One choice as it grows: its text, its end, its token count and, when asked, its ``logprobs``."""
+
+    index: int
+    text: str = ""
+    finish: str = "length"
+    tokens: int = 0
+    logprobs: TokenLogprobs | None = None
 
 
 @dataclass(frozen=True)
@@ -91,61 +122,183 @@ class ApiShape:
     id_prefix: str
     piece: Callable[[str], dict]  # a streamed piece's fields
     answer: Callable[[str], dict]  # a whole answer's fields
+    first: Callable[[int], dict | None]  # a choice's first streamed chunk, before its text
 
 
 TEXT_API = ApiShape("text_completion", "text_completion", "cmpl", lambda text: {"text": text},
-                    lambda text: {"text": text, "logprobs": None})
+                    lambda text: {"text": text}, lambda index: None)
 CHAT_API = ApiShape("chat.completion", "chat.completion.chunk", "chatcmpl", lambda text: {"delta": {"content": text}},
-                    lambda text: {"message": {"role": "assistant", "content": text.rstrip()}})
+                    lambda text: {"message": {"role": "assistant", "content": text.rstrip()}},
+                    lambda index: {"index": index, "delta": {"role": "assistant", "content": ""},
+                                   "finish_reason": None})
 
 
-async def streamed(completion: Completion, head: dict, api: ApiShape):
-    """Server-sent events, one a piece, then ``[DONE]``."""
-    async for piece in completion:
-        choice = {"index": piece.index, **api.piece(piece.text), "finish_reason": piece.finish}
-        yield f"data: {json.dumps({**head, 'object': api.chunk_object, 'choices': [choice]}, ensure_ascii=False)}\n\n"
+class Answer:
+    """A completion's choices, filled from the model thread's events: choice ``prompt * n + sample`` of each prompt,
+    as OpenAI numbers them. ``echo`` texts start with their prompt."""
+
+    def __init__(self, tokenizer, prompts: list[tuple[list[int], str]], n: int, logprobs: int | None,
+                 echo: bool) -> None:
+        self.n, self.prompt_tokens = n, sum(len(ids) for ids, _ in prompts)
+        self.choices = []
+        for ids, text in prompts:
+            for _ in range(n):
+                choice = Choice(len(self.choices), text if echo else "")
+                if logprobs is not None:
+                    choice.logprobs = TokenLogprobs(tokenizer, [] if echo else ids, 0 if echo else len(text))
+                self.choices.append(choice)
+
+    def take(self, prompt: int, event: object) -> list[tuple[Choice, str | None]]:
+        """Fold ``event`` in; the choices it touched, each with the text it added (None: no text)."""
+        if isinstance(event, list):  # the prompt's own scores (echo), the same for each of its n choices
+            touched = self.choices[prompt * self.n:(prompt + 1) * self.n]
+            for choice in touched:
+                for score in event:
+                    choice.logprobs.add(score)
+            return [(choice, None) for choice in touched]
+        choice = self.choices[prompt * self.n + event.index]
+        if isinstance(event, TokenScore):
+            choice.logprobs.add(event)
+            return []
+        piece: Piece = event
+        choice.text += piece.text
+        if piece.done:
+            choice.finish, choice.tokens = piece.finish, piece.tokens
+        return [(choice, piece.text)]
+
+    def usage(self) -> dict:
+        completion = sum(choice.tokens for choice in self.choices)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion}
+
+
+async def streamed(completion: Completion, answer: Answer, head: dict, api: ApiShape, usage: bool):
+    """Server-sent events, one a piece, then (with ``include_usage``) the usage, then ``[DONE]``."""
+    extra = {"usage": None} if usage else {}
+
+    def event(choices: list[dict], **fields) -> str:
+        body = {**head, "object": api.chunk_object, "choices": choices, **extra, **fields}
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    def piece(choice: Choice, text: str, done: bool) -> dict:
+        fields = {"index": choice.index, **api.piece(text)}
+        if choice.logprobs is not None:
+            fields["logprobs"] = choice.logprobs.new()
+        return {**fields, "finish_reason": choice.finish if done else None}
+
+    for choice in answer.choices:  # chat: the role first; echo: the prompt first
+        first = api.first(choice.index) or (piece(choice, choice.text, False) if choice.text else None)
+        if first:
+            yield event([first])
+    finished = set()
+    try:
+        async for prompt, item in completion:
+            for choice, text in answer.take(prompt, item):
+                done = isinstance(item, Piece) and item.done
+                if done:
+                    finished.add(choice.index)
+                yield event([piece(choice, text or "", done)])
+    except ApiError as error:
+        yield f"data: {json.dumps({'error': {'message': error.message, 'type': error.kind}}, ensure_ascii=False)}\n\n"
+        return
+    for choice in answer.choices:  # a prompt only scored (echo, max_tokens 0) ends here
+        if choice.index not in finished:
+            yield event([piece(choice, "", True)])
+    if usage:
+        yield event([], usage=answer.usage())
     yield "data: [DONE]\n\n"
 
 
-async def collected(completion: Completion, head: dict, api: ApiShape, prompt_tokens: int, n: int) -> dict:
-    """The whole answers in one body, with their token counts."""
-    texts, finishes, counts = [""] * n, ["length"] * n, [0] * n
-    async for piece in completion:
-        texts[piece.index] += piece.text
-        if piece.finish:
-            finishes[piece.index], counts[piece.index] = piece.finish, piece.tokens
-    choices = [{"index": i, **api.answer(text), "finish_reason": finish}
-               for i, (text, finish) in enumerate(zip(texts, finishes))]
-    return {**head, "object": api.object, "choices": choices,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": sum(counts),
-                      "total_tokens": prompt_tokens + sum(counts)}}
+async def collected(completion: Completion, answer: Answer, head: dict, api: ApiShape, http_request) -> dict:
+    """The whole answers in one body. The client's connection is watched meanwhile: one that goes away cancels
+    the work at the next step, as a stream's does."""
+    async def watch() -> None:
+        while not await http_request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+        completion.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        async for prompt, item in completion:
+            answer.take(prompt, item)
+    finally:
+        watcher.cancel()
+    choices = []
+    for choice in answer.choices:
+        fields = {"index": choice.index, **api.answer(choice.text)}
+        if api is TEXT_API:
+            fields["logprobs"] = choice.logprobs.whole() if choice.logprobs is not None else None
+        choices.append({**fields, "finish_reason": choice.finish})
+    return {**head, "object": api.object, "choices": choices, "usage": answer.usage()}
 
 
-def create_app(opened: OpenedModel, name: str, history: int | None = None):
-    """``history``: ``--history``, the earlier turns a chat answer sees (None: as many as the model learnt with)."""
-    from fastapi import FastAPI, Request
+def context_error(window: int, prompt: int, completion: int) -> ApiError:
+    return ApiError(400, f"This model's maximum context length is {window} tokens, however you requested "
+                         f"{prompt + completion} tokens ({prompt} in your prompt; {completion} for the completion). "
+                         "Please reduce your prompt; or completion length.", code="context_length_exceeded",
+                    param="prompt")
+
+
+def create_app(opened: OpenedModel, options: ServeOptions):
+    from fastapi import Depends, FastAPI, Header, Request as HttpRequest
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+    from fastapi.responses import HTMLResponse, Response, StreamingResponse
+    from starlette.exceptions import HTTPException
 
     from .schema import ChatRequest, CompletionRequest, validation_message
 
-    chat = opened.chat
-    chat_format = ChatFormat(opened.tokenizer) if chat else None
-    turns = history_turns(opened.chat_turns, history)
-    sampler = chat_sampler(opened.model, chat_format) if chat else TextSampler(opened.model, opened.tokenizer)
-    worker = ModelWorker(sampler)
-    app = FastAPI(title="kogpt2-finetune", docs_url=None, redoc_url=None)
+    chat, tokenizer, name = opened.chat, opened.tokenizer, options.name
+    window = opened.model.config.n_positions
+    chat_format = ChatFormat(tokenizer) if chat else None
+    turns = history_turns(opened.chat_turns, options.history)
+    sampler = chat_sampler(opened.model, chat_format) if chat else TextSampler(opened.model, tokenizer)
+    max_batch = options.max_batch or fitted_batch(opened.model)
+    batcher = Batcher(sampler, max_batch, options.max_queue)
+    app = FastAPI(title="kogpt2-finetune", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
 
-    def error(message: str, status: int = 400) -> JSONResponse:
-        return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}}, status_code=status)
+    @app.exception_handler(ApiError)
+    async def refused(request: HttpRequest, exc: ApiError):
+        return exc.response()
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error(validation_message(exc.errors()))
+    async def invalid(request: HttpRequest, exc: RequestValidationError):
+        message, param = validation_message(exc.errors())
+        return ApiError(400, message, param=param).response()
 
     @app.exception_handler(KoGPT2Error)
-    async def refused(request: Request, exc: KoGPT2Error) -> JSONResponse:
-        return error(str(exc))
+    async def kogpt2_refused(request: HttpRequest, exc: KoGPT2Error):
+        return ApiError(400, str(exc)).response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: HttpRequest, exc: HTTPException):
+        code = {404: "unknown_url", 405: "method_not_allowed"}.get(exc.status_code)
+        message = (f"Invalid URL ({request.method} {request.url.path})" if exc.status_code == 404
+                   else f"{request.method} is not allowed on {request.url.path}" if exc.status_code == 405
+                   else str(exc.detail))
+        return ApiError(exc.status_code, message, code=code, headers=getattr(exc, "headers", None)).response()
+
+    def authorized(authorization: str | None = Header(None)) -> None:
+        if options.api_key is None:
+            return
+        given = (authorization or "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), options.api_key.encode()):
+            raise ApiError(401, "Incorrect API key provided: give it as 'Authorization: Bearer KEY' (the server's "
+                                "--api_key)" if given else "You didn't provide an API key: give it as "
+                                "'Authorization: Bearer KEY' (the server's --api_key)", code="invalid_api_key")
+
+    api = [Depends(authorized)]
+
+    def model_card() -> dict:
+        base = CHAT_SAMPLING if chat else SAMPLING
+        return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "kogpt2-finetune",
+                "mode": "chat" if chat else "text", "context_length": window, "defaults": base.to_dict(),
+                **({"history": turns} if chat else {})}
+
+    def served(model: str | None) -> None:
+        if model is not None and model != name:
+            raise ApiError(404, f"The model '{model}' does not exist: this server serves '{name}'",
+                           code="model_not_found", param="model")
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
@@ -158,66 +311,170 @@ def create_app(opened: OpenedModel, name: str, history: int | None = None):
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": name, "waiting": worker.jobs.qsize()}
+        return {"status": "ok", "model": name, "max_batch": max_batch, **batcher.load,
+                "key": options.api_key is not None}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=api)
     async def models() -> dict:
-        base = CHAT_SAMPLING if chat else SAMPLING
-        return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "kogpt2-finetune",
-                                            "mode": "chat" if chat else "text", "defaults": base.to_dict(),
-                                            **({"history": turns} if chat else {})}]}
+        return {"object": "list", "data": [model_card()]}
 
-    @app.post("/v1/completions")
-    async def completions(request: CompletionRequest):
+    @app.get("/v1/models/{model}", dependencies=api)
+    async def model(model: str) -> dict:
+        served(model)
+        return model_card()
+
+    def settings_of(body, base: SamplingSettings, max_tokens: int) -> SamplingSettings:
+        names = ("temperature", "top_k", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+                 "no_repeat_ngram", "stop")
+        return base.updated({"text_size": max_tokens, **{n: getattr(body, n) for n in names}})
+
+    def logit_bias(body) -> dict[int, float]:
+        bias = {int(token): value for token, value in (body.logit_bias or {}).items()}
+        unknown = [token for token in bias if token >= tokenizer.vocab_size]
+        if unknown:
+            raise ApiError(400, f"logit_bias: token id {unknown[0]} is not in this model's vocabulary of "
+                                f"{tokenizer.vocab_size}", param="logit_bias")
+        return bias
+
+    def check_n(n: int) -> None:
+        if n > max_batch:
+            raise ApiError(400, f"n: at most {max_batch} samples per prompt here (the server's --max_batch)",
+                           param="n")
+
+    def prompt_of(prompt: str | list[int]) -> tuple[list[int], str]:
+        if isinstance(prompt, str):
+            return sampler.prompt_ids(prompt), prompt
+        bad = [token for token in prompt if not 0 <= token < tokenizer.vocab_size]
+        if bad:
+            raise ApiError(400, f"prompt: token id {bad[0]} is not in this model's vocabulary of "
+                                f"{tokenizer.vocab_size}", param="prompt")
+        return list(prompt), tokenizer.decode(prompt)
+
+    @app.post("/v1/completions", dependencies=api)
+    async def completions(body: CompletionRequest, http_request: HttpRequest):
+        served(body.model)
         if chat:
-            raise KoGPT2Error("this is a chat checkpoint: use /v1/chat/completions")
-        body = request.model_dump()
-        settings = sampling_settings(body, SAMPLING)
-        prompt_ids = sampler.prompt_ids(request.prompt)
-        return await respond(prompt_ids, settings, body, TEXT_API)
+            raise ApiError(400, "this is a chat checkpoint: use /v1/chat/completions")
+        check_n(body.n)
+        prompts = [prompt_of(prompt) for prompt in body.prompts()]
+        longest = max(len(ids) for ids, _ in prompts)
+        asked = body.max_tokens if body.max_tokens is not None else min(SAMPLING.text_size, window - longest)
+        if longest + asked > window or (asked == 0 and not body.echo):
+            raise context_error(window, longest, max(asked, 1))
+        settings = settings_of(body, SAMPLING, max(asked, 1))
+        seed = body.seed if body.seed is not None else new_seed()
+        completion = Completion(batcher)
+        for number, (ids, _) in enumerate(prompts):  # prompt k draws with seed + k: its own generator
+            completion.add(ids, settings if asked else None, seed + number, body.n, body.logprobs, body.echo,
+                           logit_bias(body))
+        answer = Answer(tokenizer, prompts, body.n, body.logprobs, body.echo)
+        return await respond(completion, answer, settings, seed, body, TEXT_API, http_request)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatRequest):
+    @app.post("/v1/chat/completions", dependencies=api)
+    async def chat_completions(body: ChatRequest, http_request: HttpRequest):
+        served(body.model)
         if not chat:
-            raise KoGPT2Error("this checkpoint was not trained with --chat: use /v1/completions")
-        body = request.model_dump()
-        talk = conversation((m.role, m.content) for m in request.messages)
-        settings = sampling_settings(body, CHAT_SAMPLING)
-        prompt_ids, room = chat_format.answer_prompt(talk.question, talk.history, opened.model.config.n_positions,
-                                                     settings.text_size, turns)
-        return await respond(prompt_ids, settings.with_value("text_size", room), body, CHAT_API, talk.note)
+            raise ApiError(400, "this checkpoint was not trained with --chat: use /v1/completions")
+        check_n(body.n)
+        talk = conversation((m.role, m.content) for m in body.messages)
+        asked = settings_of(body, CHAT_SAMPLING, body.max_tokens or CHAT_SAMPLING.text_size)
+        prompt_ids, room = chat_format.answer_prompt(talk.question, talk.history, window, asked.text_size, turns)
+        settings = asked.with_value("text_size", room)
+        seed = body.seed if body.seed is not None else new_seed()
+        completion = Completion(batcher)
+        completion.add(prompt_ids, settings, seed, body.n, logit_bias=logit_bias(body))
+        answer = Answer(tokenizer, [(prompt_ids, "")], body.n, None, False)
+        return await respond(completion, answer, settings, seed, body, CHAT_API, http_request, talk.note)
 
-    async def respond(prompt_ids: list[int], settings: SamplingSettings, body: dict, api: ApiShape,
-                      note: str | None = None):
-        seed = body["seed"] if body.get("seed") is not None else new_seed()
-        completion = Completion(worker, prompt_ids, settings, seed, body["n"])
+    async def respond(completion: Completion, answer: Answer, settings: SamplingSettings, seed: int, body,
+                      api: ApiShape, http_request, note: str | None = None):
+        completion.submit(options.max_queue)
         head = {"id": f"{api.id_prefix}-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": name,
-                "seed": seed, "settings": settings.to_dict(), **({"notes": [note]} if note else {})}
-        if body["stream"]:
-            return StreamingResponse(streamed(completion, head, api), media_type="text/event-stream",
+                "system_fingerprint": None, "seed": seed, "settings": settings.to_dict(),
+                **({"notes": [note]} if note else {})}
+        if body.stream:
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(streamed(completion, answer, head, api, usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await collected(completion, head, api, len(prompt_ids), body["n"])
+        return await collected(completion, answer, head, api, http_request)
 
     return app
 
 
-def serve(opened: OpenedModel, name: str, host: str, port: int, history: int | None = None) -> None:
+class BodyLimit:
+    """A request body over ``limit`` bytes gets 413 before anything reads it whole."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        too_large = ApiError(413, f"the request body is over {self.limit // 2**20} MiB", code="request_too_large")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await too_large.response()(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return await self.app(scope, _replay([message], receive), send)
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await too_large.response()(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        whole = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        return await self.app(scope, _replay([whole], receive), send)
+
+
+def _replay(messages: list[dict], receive):
+    async def replayed():
+        return messages.pop(0) if messages else await receive()
+    return replayed
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve_options(args) -> ServeOptions:
+    """The server's options from ``generator.py``'s flags, checked before a model is opened: the key from
+    ``--api_key`` or the environment, required beyond this computer."""
+    key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if key is None and not is_loopback(args.host):
+        raise KoGPT2Error(f"--host {args.host} opens the server to your network: give it a key with --api_key KEY "
+                          f"(or set {API_KEY_ENV}), which every client then sends as 'Authorization: Bearer KEY'")
+    return ServeOptions(args.served_name, args.host, args.port, args.history, key, args.max_batch, args.max_queue)
+
+
+def serve(opened: OpenedModel, options: ServeOptions) -> None:
+    source = opened.source
+    options = replace(options, name=options.name or (Path(source).stem if source.endswith(".tar") else source))
     try:
         import fastapi  # noqa: F401
         import uvicorn
     except ImportError:
         raise KoGPT2Error(f"--serve needs the web server packages: {SERVE_INSTALL}") from None
-    listening = listening_socket(host, port)
-    server = uvicorn.Server(uvicorn.Config(create_app(opened, name, history), log_level="warning"))
-    note = history_note(opened.chat_turns, history_turns(opened.chat_turns, history)) if opened.chat else None
+    listening = listening_socket(options.host, options.port)
+    server = uvicorn.Server(uvicorn.Config(create_app(opened, options), log_level="warning"))
+    note = history_note(opened.chat_turns, history_turns(opened.chat_turns, options.history)) if opened.chat else None
     if note:
         print(note, file=sys.stderr)
-    shown = f"[{host}]" if ":" in host else host
-    print(f"serving {name} at http://{shown}:{port}/  (API: /v1/completions{', /v1/chat/completions' if opened.chat else ''}; Ctrl-C stops)", flush=True)
+    shown = f"[{options.host}]" if ":" in options.host else options.host
+    endpoint = "/v1/chat/completions" if opened.chat else "/v1/completions"
+    print(f"serving {options.name} ({opened.source}) at http://{shown}:{options.port}/  (API: {endpoint}"
+          f"{'; key required' if options.api_key else ''}; Ctrl-C stops)", flush=True)
     with listening:
         server.run(sockets=[listening])
     if not server.started:
-        raise KoGPT2Error(f"the web server on {host}:{port} did not start (its message is above)")
+        raise KoGPT2Error(f"the web server on {options.host}:{options.port} did not start (its message is above)")
 
 
 def listening_socket(host: str, port: int) -> socket.socket:

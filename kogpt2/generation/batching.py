@@ -1,0 +1,266 @@
+"""Continuous batching: one thread owns the model and advances every running request by one token per step, over
+one KV cache whose rows are the requests' samples, each at its own position. A new request is prefilled and joins
+at the next step; a sample that ends, and every sample of a request whose client went away, leaves at once.
+
+Each request draws with its own settings and its own random generator (``Draws``, as the CLI does), so its text
+does not depend on which other requests share the batch, except through the floating-point rounding of batched
+kernels: a matmul over 8 rows may round differently from one over 1, which can flip a near tie (as in every
+serving engine that batches).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..defaults import SamplingSettings
+from ..model.gpt import GPT
+from ..model.kv_cache import KVCache
+from .decoding_step import DecodingStep, GraphStep
+from .engine import Draws, SampleText, TextSampler
+
+CPU_BATCH = 8  # rows a CPU steps together: past ~8, a step's time grows with its rows (bench/README.md)
+GPU_BATCH_LIMIT = 64
+GPU_CACHE_SHARE = 0.5  # of the free memory, for the KV cache of a GPU's batch
+
+
+@dataclass(frozen=True)
+class TokenScore:
+    """A token drawn or read, with its log-probability under the model (before any sampling setting changes it, as
+    OpenAI's ``logprobs`` report) and the ``top`` most likely tokens at its place. ``logprob`` is None for a
+    prompt's first token, which nothing before it predicts."""
+
+    index: int  # the sample's
+    token: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass
+class Request:
+    """``n`` samples continuing ``prompt_ids``. ``emit`` receives, from the model thread, the prompt's scores (a
+    list of ``TokenScore``, when ``echo`` and ``logprobs`` ask for them), each drawn token's ``TokenScore`` (when
+    ``logprobs`` is set), the samples' ``Piece``s, an exception if the model failed, and at last None. Without
+    ``settings`` it only scores the prompt."""
+
+    prompt_ids: list[int]
+    settings: SamplingSettings | None
+    seed: int
+    n: int
+    emit: Callable[[object], None]
+    logprobs: int | None = None  # alternatives reported per token (0: only the token's own)
+    echo: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class Running:
+    """A request in the batch: its draws, its samples' texts, and which samples are still going (its rows, in
+    order: a request's rows are contiguous in the batch, and the requests' rows follow their order in it)."""
+
+    def __init__(self, request: Request, draws: Draws, samples: list[SampleText], logits: torch.Tensor) -> None:
+        self.request, self.draws, self.samples = request, draws, samples
+        self.going = list(range(request.n))  # the sample each of its rows draws for
+        self.logits = logits  # [going, vocab]: what its next tokens are drawn from
+        self.tokens = torch.empty(0, dtype=torch.long)  # [going]: the tokens its rows step with next
+
+    def draw(self) -> set[int]:
+        """Draw each going sample's next token and emit what it produced; return the rows whose sample ended."""
+        tokens = self.draws.next_tokens(self.logits)
+        top = self.request.logprobs
+        scores = _scores(self.logits, tokens, top) if top is not None else None
+        ended = set()
+        for row, (index, token) in enumerate(zip(self.going, tokens.tolist())):
+            sample = self.samples[index]
+            done = sample.push(token)
+            if scores is not None and not (done and token in sample.end_ids):
+                self.request.emit(TokenScore(index, token, *scores[row]))
+            if sample.piece is not None:
+                self.request.emit(sample.piece)
+            if not done and sample.tokens == self.request.settings.text_size:
+                self.request.emit(sample.finish())
+                done = True
+            if done:
+                ended.add(row)
+        self.tokens = tokens
+        return ended
+
+    def keep(self, kept: list[int]) -> None:
+        """Only these rows go on."""
+        self.draws.keep(kept)
+        self.going = [self.going[row] for row in kept]
+        self.tokens = self.tokens[torch.tensor(kept, device=self.tokens.device)]
+
+
+def _scores(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[tuple[float, tuple]]:
+    """Each row's log-probability of its token, and its ``top`` most likely tokens with theirs."""
+    logprobs = logits.float().log_softmax(-1)  # [rows, vocab]
+    own = logprobs.gather(1, tokens.view(-1, 1)).squeeze(1).tolist()
+    if top == 0:
+        return [(value, ()) for value in own]
+    values, ids = logprobs.topk(top, dim=-1)
+    return [(value, tuple(zip(i, v))) for value, i, v in zip(own, ids.tolist(), values.tolist())]
+
+
+def prompt_scores(logits: torch.Tensor, prompt_ids: list[int], top: int) -> list[TokenScore]:
+    """The prompt's tokens scored by the logits [prompt, vocab] of the positions before them (the first: None)."""
+    if len(prompt_ids) < 2:
+        return [TokenScore(0, prompt_ids[0], None)]
+    following = torch.tensor(prompt_ids[1:], device=logits.device)
+    scored = _scores(logits[:-1], following, top)
+    return [TokenScore(0, prompt_ids[0], None)] + [TokenScore(0, token, value, alternatives) for token, (
+        value, alternatives) in zip(prompt_ids[1:], scored)]
+
+
+def fitted_batch(model: GPT) -> int:
+    """How many samples step together by default: ``CPU_BATCH`` on a CPU; on a GPU, as many whole-window KV cache
+    rows as fit in ``GPU_CACHE_SHARE`` of the free memory, up to ``GPU_BATCH_LIMIT``."""
+    weight = model.lm_head.weight
+    if weight.device.type != "cuda":
+        return CPU_BATCH
+    c = model.config
+    row_bytes = c.n_layer * 2 * c.n_embd * c.n_positions * weight.element_size()
+    free, _ = torch.cuda.mem_get_info(weight.device)
+    return max(1, min(GPU_BATCH_LIMIT, int(free * GPU_CACHE_SHARE) // row_bytes))
+
+
+class Batcher:
+    """The model thread and its waiting line. ``submit`` never blocks: a full line refuses at once."""
+
+    def __init__(self, sampler: TextSampler, max_batch: int, max_waiting: int, static: bool | None = None) -> None:
+        """``static`` (default: on CUDA): step all ``max_batch`` rows in one fixed shape, captured once as a CUDA
+        graph; else step the running rows only."""
+        model = sampler.model
+        self.sampler, self.model, self.max_batch = sampler, model, max_batch
+        self.window = model.config.n_positions
+        self.cache = model.kv_cache(max_batch, self.window)
+        static = sampler.device.type == "cuda" if static is None else static
+        self.graph = GraphStep(model, self.cache) if static else None
+        self.waiting: queue.Queue[Request] = queue.Queue(max_waiting)
+        self.next: Request | None = None  # taken from the line, waiting for rows
+        self.running: list[Running] = []
+        self.rows = 0  # the batch's rows in use: the first ones
+        self.positions = torch.zeros(max_batch, dtype=torch.long, device=sampler.device)  # each row's next slot
+        self.steps = 0
+        threading.Thread(target=self._work, name="kogpt2-model", daemon=True).start()
+
+    def submit(self, request: Request) -> bool:
+        """Queue ``request``; False when the line is full."""
+        try:
+            self.waiting.put_nowait(request)
+        except queue.Full:
+            return False
+        return True
+
+    @property
+    def load(self) -> dict:
+        return {"running": len(self.running), "rows": self.rows, "waiting": self.waiting.qsize(), "steps": self.steps}
+
+    def _work(self) -> None:
+        while True:
+            try:
+                self._admit()
+                if self.running:
+                    self._advance()
+            except Exception as error:  # a failed step fails the requests in it, never the server
+                for running in self.running:
+                    running.request.emit(error)
+                    running.request.emit(None)
+                self.running, self.rows = [], 0
+
+    @torch.no_grad()
+    def _admit(self) -> None:
+        """Prefill every waiting request that has rows free, blocking only while nothing runs."""
+        while True:
+            if self.next is None:
+                try:
+                    self.next = self.waiting.get(block=not self.running)
+                except queue.Empty:
+                    return
+            request = self.next
+            if not request.cancelled.is_set() and self.rows + request.n > self.max_batch:
+                return
+            self.next = None
+            try:
+                if not request.cancelled.is_set() and self._start(request):
+                    continue
+            except Exception as error:
+                request.emit(error)
+            request.emit(None)
+
+    def _start(self, request: Request) -> bool:
+        """Prefill ``request`` into the next free rows; False when it needs no decoding (it only scores)."""
+        prompt, settings = request.prompt_ids, request.settings
+        row, length = self.rows, len(prompt)
+        ids = torch.tensor([prompt], device=self.sampler.device)
+        cache = KVCache.over(self.cache.buffer[:, :, row:row + 1, :, :length])
+        input_pos = torch.arange(length, device=ids.device)
+        if request.echo and request.logprobs is not None:
+            logits = self.model.lm_head(self.model.hidden_states(ids, input_pos, cache))[0]  # [prompt, vocab]
+            request.emit(prompt_scores(logits, prompt, request.logprobs))
+            last = logits[-1:]
+        else:
+            last = DecodingStep(self.model, 1)(ids, input_pos, cache)  # [1, vocab]
+        if settings is None:
+            return False
+        for copy in range(row + 1, row + request.n):
+            self.cache.copy_row(row, copy, length)
+        draws = Draws(prompt, request.n, settings, self.sampler.generator(request.seed), self.sampler.suppress,
+                      self.sampler.device, request.logit_bias)
+        self.running.append(Running(request, draws, self.sampler.sample_texts(prompt, settings, request.n),
+                                    last.expand(request.n, -1)))
+        self.positions[row:row + request.n] = length
+        self.rows += request.n
+        return True
+
+    @torch.no_grad()
+    def _advance(self) -> None:
+        """Draw every running sample's next token, let the ended and the abandoned leave, and step the rest."""
+        ended = {}
+        for running in self.running:
+            ended[running] = set(range(len(running.going))) if running.request.cancelled.is_set() else running.draw()
+        self._close_gaps(ended)
+        if self.rows:
+            self._step()
+
+    def _close_gaps(self, ended: dict[Running, set[int]]) -> None:
+        """The rows that go on move up, in order, into the gaps the ended ones left; a request with none left ends."""
+        old, new = 0, 0
+        for running in self.running:
+            for row in range(len(running.going)):
+                if row not in ended[running]:
+                    if new != old:
+                        self.cache.copy_row(old, new, int(self.positions[old]))
+                        self.positions[new] = self.positions[old]
+                    new += 1
+                old += 1
+        self.positions[new:] = 0  # free rows (stepped, unread, by a fixed-shape step) write into their first slot
+        going = []
+        for running in self.running:
+            gone = ended[running]
+            if len(gone) == len(running.going):
+                running.request.emit(None)
+                continue
+            if gone:
+                running.keep([row for row in range(len(running.going)) if row not in gone])
+            going.append(running)
+        self.running, self.rows = going, new
+
+    def _step(self) -> None:
+        tokens = torch.cat([running.tokens for running in self.running])  # [rows]
+        rows = len(tokens)
+        if self.graph is not None:
+            padded = torch.zeros(self.max_batch, dtype=torch.long, device=tokens.device)
+            padded[:rows] = tokens
+            logits = self.graph(padded, self.positions)[:rows]
+        else:
+            positions = self.positions[:rows]
+            cache = self.cache.view(rows, int(positions.max()) + 1)
+            logits = DecodingStep(self.model, rows)(tokens.view(-1, 1), positions.view(-1, 1), cache)
+        self.positions[:rows] += 1
+        self.steps += 1
+        for running, part in zip(self.running, logits.split([len(r.going) for r in self.running])):
+            running.logits = part
