@@ -11,7 +11,7 @@ def test_serve_benchmark_smoke():
     result = subprocess.run([sys.executable, "bench/serve.py", "--smoke", "--tokens", "8"], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "served / engine:" in result.stdout
+    assert "served:" in result.stdout and "64 clients, line of 16:" in result.stdout
 
 
 @pytest.mark.slow

@@ -3,7 +3,8 @@ import math
 
 import torch
 
-from kogpt2.generation.sampling import apply_repetition_penalty, block_repeated_ngrams, sample_next, top_p_filter
+from kogpt2.generation.sampling import (apply_logit_bias, apply_presence_frequency, apply_repetition_penalty,
+                                       block_repeated_ngrams, sample_next, top_p_filter)
 
 NEG = float("-inf")
 
@@ -70,3 +71,20 @@ def test_top_k_then_top_p_draws_from_the_same_set_as_full_filtering():
     for seed in range(50):
         token = sample_next(logits, 0.7, 20, 0.8, torch.Generator().manual_seed(seed))
         assert allowed[torch.arange(4), token].all()
+
+
+def test_presence_and_frequency_penalties_lower_generated_tokens_by_openais_rule():
+    logits = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    counts = torch.tensor([[0, 1, 3], [2, 0, 0]])
+    out = apply_presence_frequency(logits, counts, presence=0.5, frequency=0.25)
+    assert out.tolist() == [[1.0, 0.25, -0.25], [-1.0, 0.0, 0.0]]
+    assert apply_presence_frequency(logits, counts, 0.0, 0.0) is logits
+    assert apply_presence_frequency(logits, counts, -1.0, 0.0)[0].tolist() == [1.0, 2.0, 2.0]  # negative: favour
+
+
+def test_logit_bias_adds_to_its_tokens_only():
+    logits = torch.zeros(2, 4)
+    out = apply_logit_bias(logits, {3: -100.0, 1: 2.5})
+    assert out.tolist() == [[0.0, 2.5, 0.0, -100.0]] * 2
+    assert sample_next(apply_logit_bias(logits, {2: 100.0}), 1.0, 0, 1.0, torch.Generator().manual_seed(0)).tolist() \
+        == [2, 2]

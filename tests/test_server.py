@@ -24,10 +24,10 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, checkpoint: Path) -> None:
+    def __init__(self, checkpoint: Path, *flags: str) -> None:
         self.port = free_port()
         self.process = subprocess.Popen([sys.executable, "generator.py", "--load_path", str(checkpoint), "--serve",
-                                         "--port", str(self.port)], cwd=REPO, stdout=subprocess.PIPE,
+                                         "--port", str(self.port), *flags], cwd=REPO, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, text=True)
         self.banner = self.process.stdout.readline()
         end = time.monotonic() + 60
@@ -375,3 +375,138 @@ def test_the_chat_page_answers_like_the_cli(chat_server, dialogue_chatbot, tmp_p
     finally:
         driver.quit()
     assert shown == cli_answers(dialogue_chatbot, capsys, TALK, "--seed", 4)
+
+
+def client(server, **options):
+    openai = pytest.importorskip("openai", reason="the openai client is a test-only dependency")
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key=options.pop("api_key", "none"),
+                         max_retries=0, **options)
+
+
+def test_the_openai_client_scores_an_echoed_prompt_like_the_model(server, trained):
+    """A text prompt is read after the start token, as in training (one the server adds is not echoed); a prompt
+    that writes ``<s>`` itself, or gives token ids, is taken as it is, so its first word is scored too."""
+    import torch
+
+    from kogpt2.store.opening import open_model
+
+    opened = open_model(str(trained / "KoGPT2_best.tar"))
+    prompt = "우리는 오늘 바다에 갔다"
+    ids = [opened.tokenizer.bos_id] + opened.tokenizer.encode(prompt)
+    with torch.no_grad():
+        expected = [lp[t].item() for lp, t in zip(opened.model.eval()(torch.tensor([ids]))[0].log_softmax(-1),
+                                                  ids[1:])]  # each token after the ones before it
+    api = client(server)
+    answer = api.completions.create(model="KoGPT2_best", prompt=prompt, echo=True, logprobs=1, max_tokens=0)
+    choice = answer.choices[0]
+    logprobs = choice.logprobs
+    assert choice.text == prompt and "".join(logprobs.tokens) == prompt and len(logprobs.tokens) == len(ids) - 1
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None  # as OpenAI: the first is null
+    assert logprobs.token_logprobs[1:] == pytest.approx(expected[1:], abs=1e-4)
+    assert all(max(top.values()) >= lp for top, lp in zip(logprobs.top_logprobs[1:], logprobs.token_logprobs[1:]))
+    assert [prompt[:offset] for offset in logprobs.text_offset] == ["".join(logprobs.tokens[:i])
+                                                                     for i in range(len(ids) - 1)]
+    assert answer.usage.prompt_tokens == len(ids) and answer.usage.completion_tokens == 0
+    for whole in ("<s>" + prompt, ids):
+        scored = api.completions.create(model="KoGPT2_best", prompt=whole, echo=True, logprobs=1, max_tokens=0)
+        assert scored.choices[0].logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+    one = api.completions.create(model="KoGPT2_best", prompt=prompt, echo=True, logprobs=1, max_tokens=1,
+                                 temperature=0, logit_bias={"1": 100})  # the end token, forced
+    assert len(one.choices[0].logprobs.tokens) == len(ids)  # the prompt's, and the one new (end) token's
+
+
+def test_prompt_lists_give_one_choice_per_prompt_and_sample_in_openais_order(server):
+    api = client(server)
+    prompts = ["오늘", "우리는"]
+    both = api.completions.create(model="KoGPT2_best", prompt=prompts, n=2, max_tokens=10, seed=7, logprobs=0)
+    assert [c.index for c in both.choices] == [0, 1, 2, 3]
+    for k, prompt in enumerate(prompts):  # prompt k draws with seed + k
+        alone = api.completions.create(model="KoGPT2_best", prompt=prompt, n=2, max_tokens=10, seed=7 + k)
+        assert [c.text for c in both.choices[2 * k:2 * k + 2]] == [c.text for c in alone.choices]
+    for choice in both.choices:
+        assert "".join(choice.logprobs.tokens).startswith(choice.text) and all(
+            lp <= 0 for lp in choice.logprobs.token_logprobs)
+        assert choice.logprobs.text_offset[0] == len(prompts[choice.index // 2])  # offsets count the prompt too
+
+
+def test_streams_carry_usage_when_asked_and_the_same_text(server):
+    api = client(server)
+    whole = api.completions.create(model="KoGPT2_best", prompt="우리는", max_tokens=20, seed=3)
+    chunks = list(api.completions.create(model="KoGPT2_best", prompt="우리는", max_tokens=20, seed=3, stream=True,
+                                         stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert all(c.usage is None for c in chunks[:-1]) and chunks[-1].choices == []
+    assert chunks[-1].usage.model_dump() == whole.usage.model_dump()
+
+
+def test_models_are_found_by_their_short_name_and_others_are_404(server):
+    openai = pytest.importorskip("openai")
+    api = client(server)
+    assert api.models.retrieve("KoGPT2_best").id == "KoGPT2_best"
+    with pytest.raises(openai.NotFoundError) as missing:
+        api.models.retrieve("gpt-4")
+    assert missing.value.code == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        api.completions.create(model="gpt-4", prompt="오늘", max_tokens=2)
+    for method, path, status in (("GET", "/v1/nothing", 404), ("GET", "/v1/completions", 405)):
+        connection = server.connection(5)
+        connection.request(method, path)
+        response = connection.getresponse()
+        error = json.loads(response.read())["error"]
+        assert response.status == status and error["type"] == "invalid_request_error" and path in error["message"]
+
+
+def test_a_body_over_the_limit_is_413(server):
+    from kogpt2.defaults import MAX_BODY_BYTES
+
+    status, answer = server.post("/v1/completions", {"prompt": "가" * 10, "pad": "x" * MAX_BODY_BYTES})
+    assert status == 413 and answer["error"]["code"] == "request_too_large"
+
+
+def test_a_key_is_required_beyond_this_computer_and_checked(trained, capsys, monkeypatch):
+    openai = pytest.importorskip("openai")
+    monkeypatch.delenv("KOGPT2_API_KEY", raising=False)
+    capsys.readouterr()
+    assert run_generator("--load_path", trained / "KoGPT2_best.tar", "--serve", "--host", "0.0.0.0") == 2
+    assert "--api_key" in capsys.readouterr().err
+    keyed = Server(trained / "KoGPT2_best.tar", "--api_key", "s3cret", "--max_batch", "1", "--max_queue", "1")
+    try:
+        assert "key required" in keyed.banner and keyed.get("/health")[0] == 200
+        for key in ("none", "wrong"):
+            with pytest.raises(openai.AuthenticationError):
+                client(keyed, api_key=key).models.list()
+        api = client(keyed, api_key="s3cret")
+        assert api.models.list().data[0].id == "KoGPT2_best"
+        # one row, one place in line: of twelve requests at once, those with no place get 503 with Retry-After
+        body = {"prompt": "긴 글", "max_tokens": 200, "logit_bias": {"1": -100}}
+        headers = {"Content-Type": "application/json", "Authorization": "Bearer s3cret"}
+        answers = []
+
+        def ask() -> None:
+            connection = keyed.connection()
+            connection.request("POST", "/v1/completions", json.dumps(body), headers)
+            response = connection.getresponse()
+            answers.append((response.status, response.getheader("Retry-After"), json.loads(response.read())))
+
+        threads = [threading.Thread(target=ask) for _ in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        statuses = sorted(status for status, *_ in answers)
+        assert len(answers) == 12 and set(statuses) == {200, 503} and statuses.count(200) >= 2
+        assert all(after == "1" and answer["error"]["code"] == "server_busy"
+                   for status, after, answer in answers if status == 503)
+    finally:
+        keyed.stop()
+
+
+def test_chat_streams_start_with_the_role_and_join_into_the_answer(chat_server):
+    api = client(chat_server)
+    messages = [{"role": "user", "content": "배고파"}]
+    whole = api.chat.completions.create(model="KoGPT2_best", messages=messages, seed=2)
+    chunks = list(api.chat.completions.create(model="KoGPT2_best", messages=messages, seed=2, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].delta.content == ""
+    assert "".join(c.choices[0].delta.content or "" for c in chunks).rstrip() == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert chat_server.banner.split("(API: ")[1].startswith("/v1/chat/completions;")

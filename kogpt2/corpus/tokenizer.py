@@ -5,6 +5,7 @@ bytes plus a kind, so a checkpoint can generate with nothing else at hand.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Protocol
 
@@ -143,6 +144,23 @@ class HFTokenizer:
     def decode(self, ids: list[int]) -> str:
         # v2 marks its emoji and emoticons "special": the library's default decode would delete them.
         return self._tok.decode([i for i in ids if i not in self._hidden], skip_special_tokens=False)
+
+
+SPECIAL_PIECES = ("<s>", "</s>", "<pad>", "<unk>", "<usr>", "<sys>")
+
+
+def encode_with_special_tokens(tokenizer: Tokenizer, text: str) -> list[int]:
+    """``text`` encoded with the special tokens it names (``<s>``, ``</s>``...) read as their ids, as transformers'
+    tokenizers read them: what an API client that writes special tokens into a prompt (lm-eval) means."""
+    specials = {piece: tokenizer.token_id(piece) for piece in SPECIAL_PIECES}
+    specials = {piece: i for piece, i in specials.items() if i is not None}
+    ids: list[int] = []
+    for part in re.split("(" + "|".join(map(re.escape, specials)) + ")", text) if specials else [text]:
+        if part in specials:
+            ids.append(specials[part])
+        elif part:
+            ids.extend(tokenizer.encode(part))
+    return ids
 
 
 KINDS = {SentencePieceTokenizer.kind: SentencePieceTokenizer, HFTokenizer.kind: HFTokenizer}

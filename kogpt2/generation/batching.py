@@ -9,8 +9,8 @@ serving engine that batches).
 """
 from __future__ import annotations
 
-import queue
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -76,7 +76,7 @@ class Running:
         for row, (index, token) in enumerate(zip(self.going, tokens.tolist())):
             sample = self.samples[index]
             done = sample.push(token)
-            if scores is not None and not (done and token in sample.end_ids):
+            if scores is not None:  # the end token too: a scorer reading one new token must get one
                 self.request.emit(TokenScore(index, token, *scores[row]))
             if sample.piece is not None:
                 self.request.emit(sample.piece)
@@ -139,8 +139,9 @@ class Batcher:
         self.cache = model.kv_cache(max_batch, self.window)
         static = sampler.device.type == "cuda" if static is None else static
         self.graph = GraphStep(model, self.cache) if static else None
-        self.waiting: queue.Queue[Request] = queue.Queue(max_waiting)
-        self.next: Request | None = None  # taken from the line, waiting for rows
+        self.waiting: deque[Request] = deque()  # the first stays until rows are free for it
+        self.max_waiting = max_waiting
+        self.arrived = threading.Condition()
         self.running: list[Running] = []
         self.rows = 0  # the batch's rows in use: the first ones
         self.positions = torch.zeros(max_batch, dtype=torch.long, device=sampler.device)  # each row's next slot
@@ -149,15 +150,16 @@ class Batcher:
 
     def submit(self, request: Request) -> bool:
         """Queue ``request``; False when the line is full."""
-        try:
-            self.waiting.put_nowait(request)
-        except queue.Full:
-            return False
+        with self.arrived:
+            if len(self.waiting) >= self.max_waiting:
+                return False
+            self.waiting.append(request)
+            self.arrived.notify()
         return True
 
     @property
     def load(self) -> dict:
-        return {"running": len(self.running), "rows": self.rows, "waiting": self.waiting.qsize(), "steps": self.steps}
+        return {"running": len(self.running), "rows": self.rows, "waiting": len(self.waiting), "steps": self.steps}
 
     def _work(self) -> None:
         while True:
@@ -173,48 +175,77 @@ class Batcher:
 
     @torch.no_grad()
     def _admit(self) -> None:
-        """Prefill every waiting request that has rows free, blocking only while nothing runs."""
+        """Prefill, together, every waiting request that has rows free; block only while nothing runs."""
+        joining, rows = [], self.rows
         while True:
-            if self.next is None:
-                try:
-                    self.next = self.waiting.get(block=not self.running)
-                except queue.Empty:
-                    return
-            request = self.next
-            if not request.cancelled.is_set() and self.rows + request.n > self.max_batch:
-                return
-            self.next = None
-            try:
-                if not request.cancelled.is_set() and self._start(request):
-                    continue
-            except Exception as error:
-                request.emit(error)
-            request.emit(None)
+            with self.arrived:
+                while not self.waiting and not self.running and not joining:
+                    self.arrived.wait()
+                if not self.waiting:
+                    break
+                request = self.waiting[0]
+                needs = request.n if request.settings is not None else 0
+                if not request.cancelled.is_set() and rows + needs > self.max_batch:
+                    break
+                self.waiting.popleft()
+            if request.cancelled.is_set():
+                request.emit(None)
+                continue
+            joining.append(request)
+            rows += needs
+        if joining:
+            self._start(joining)
 
-    def _start(self, request: Request) -> bool:
-        """Prefill ``request`` into the next free rows; False when it needs no decoding (it only scores)."""
-        prompt, settings = request.prompt_ids, request.settings
-        row, length = self.rows, len(prompt)
+    def _start(self, joining: list[Request]) -> None:
+        """Prefill the prompts (those scored whole one by one, the others as one padded batch) and let them join."""
+        scored = [r for r in joining if r.echo and r.logprobs is not None]
+        plain = [r for r in joining if not (r.echo and r.logprobs is not None)]
+        try:
+            started = [(request, *self._score(request)) for request in scored]
+            if plain:
+                started += zip(plain, *self._prefill(plain))
+        except Exception as error:  # these requests fail, the running ones go on
+            for request in joining:
+                request.emit(error)
+                request.emit(None)
+            return
+        for request, last, cache, row in started:
+            if request.settings is None:
+                request.emit(None)
+            else:
+                self._join(request, last, cache, row)
+
+    def _score(self, request: Request) -> tuple[torch.Tensor, KVCache, int]:
+        """Prefill one prompt with the logits of every position, to emit its tokens' scores."""
+        prompt = request.prompt_ids
+        cache = self.model.kv_cache(1, len(prompt))
         ids = torch.tensor([prompt], device=self.sampler.device)
-        cache = KVCache.over(self.cache.buffer[:, :, row:row + 1, :, :length])
-        input_pos = torch.arange(length, device=ids.device)
-        if request.echo and request.logprobs is not None:
-            logits = self.model.lm_head(self.model.hidden_states(ids, input_pos, cache))[0]  # [prompt, vocab]
-            request.emit(prompt_scores(logits, prompt, request.logprobs))
-            last = logits[-1:]
-        else:
-            last = DecodingStep(self.model, 1)(ids, input_pos, cache)  # [1, vocab]
-        if settings is None:
-            return False
-        for copy in range(row + 1, row + request.n):
-            self.cache.copy_row(row, copy, length)
+        logits = self.model.lm_head(self.model.hidden_states(ids, torch.arange(len(prompt), device=ids.device),
+                                                             cache))[0]  # [prompt, vocab]
+        request.emit(prompt_scores(logits, prompt, request.logprobs))
+        return logits[-1:], cache, 0
+
+    def _prefill(self, requests: list[Request]) -> tuple[list[torch.Tensor], list[KVCache], list[int]]:
+        """One forward over the prompts, right-padded to the longest (a padded slot is past its row's last real
+        token, so no real token attends to it, and decoding overwrites it): each one's last logits [1, vocab]."""
+        lengths = [len(r.prompt_ids) for r in requests]
+        width, device = max(lengths), self.sampler.device
+        ids = torch.tensor([r.prompt_ids + [0] * (width - len(r.prompt_ids)) for r in requests], device=device)
+        cache = self.model.kv_cache(len(requests), width)
+        last = torch.tensor(lengths, device=device) - 1
+        logits = DecodingStep(self.model, len(requests))(ids, torch.arange(width, device=device), cache, last)
+        return list(logits.split(1)), [cache] * len(requests), list(range(len(requests)))
+
+    def _join(self, request: Request, last: torch.Tensor, prefilled: KVCache, prefilled_row: int) -> None:
+        prompt, settings = request.prompt_ids, request.settings
+        for row in range(self.rows, self.rows + request.n):
+            self.cache.copy_row(prefilled_row, row, len(prompt), prefilled)
         draws = Draws(prompt, request.n, settings, self.sampler.generator(request.seed), self.sampler.suppress,
                       self.sampler.device, request.logit_bias)
         self.running.append(Running(request, draws, self.sampler.sample_texts(prompt, settings, request.n),
                                     last.expand(request.n, -1)))
-        self.positions[row:row + request.n] = length
+        self.positions[self.rows:self.rows + request.n] = len(prompt)
         self.rows += request.n
-        return True
 
     @torch.no_grad()
     def _advance(self) -> None:

@@ -38,10 +38,14 @@ class _LinearOnOneDNN(torch.overrides.TorchFunctionMode):
         return out.view(*x.shape[:-1], weight.shape[0])
 
 
-def last_logits(model: GPT, tokens: torch.Tensor, input_pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """Logits [batch, vocab] after ``tokens`` [batch, time] written at cache slots ``input_pos`` [time]: only the last
-    position's, so a long prompt costs no [prompt, vocab] logits."""
-    return model.lm_head(model.hidden_states(tokens, input_pos, cache)[:, -1])
+def last_logits(model: GPT, tokens: torch.Tensor, input_pos: torch.Tensor, cache: KVCache,
+                last: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits [batch, vocab] after ``tokens`` [batch, time] written at cache slots ``input_pos``: only the last
+    position's (or each row's ``last`` [batch], for prompts padded to one width), so a long prompt costs no
+    [prompt, vocab] logits."""
+    hidden = model.hidden_states(tokens, input_pos, cache)  # [batch, time, n_embd]
+    rows = hidden[:, -1] if last is None else hidden[torch.arange(len(last), device=last.device), last]
+    return model.lm_head(rows)
 
 
 class DecodingStep:
@@ -60,9 +64,10 @@ class DecodingStep:
         self.fp32_onednn = cpu and weight.dtype == torch.float32 and ONEDNN_LINEAR is not None
         self.aten_only = cpu and batch == 1 and weight.dtype != torch.float32
 
-    def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache: KVCache,
+                 last: torch.Tensor | None = None) -> torch.Tensor:
         with self._kernels():
-            return last_logits(self.model, tokens, input_pos, cache)
+            return last_logits(self.model, tokens, input_pos, cache, last)
 
     def _kernels(self):
         if self.fp32_onednn:

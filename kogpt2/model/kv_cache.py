@@ -25,9 +25,6 @@ class KVCache:
         first steps over them alone, attending to no slot past the longest row."""
         return KVCache.over(self.buffer[:, :, :rows, :, :slots])
 
-    def row(self, row: int) -> "KVCache":
-        return KVCache.over(self.buffer[:, :, row:row + 1])
-
     @property
     def capacity(self) -> int:
         return self.buffer.shape[-2]
@@ -46,9 +43,11 @@ class KVCache:
             values.scatter_(2, index, v)
         return keys, values
 
-    def copy_row(self, source: int, target: int, slots: int) -> None:
-        """Row ``source``'s first ``slots`` slots into row ``target`` (a batch closing the gap a row left)."""
-        self.buffer[:, :, target, :, :slots] = self.buffer[:, :, source, :, :slots]
+    def copy_row(self, source: int, target: int, slots: int, source_cache: "KVCache | None" = None) -> None:
+        """Row ``source``'s first ``slots`` slots (of ``source_cache``, else of this cache) into row ``target``: a
+        prefilled prompt joining a batch, or a batch closing the gap a row left."""
+        origin = self if source_cache is None else source_cache
+        self.buffer[:, :, target, :, :slots] = origin.buffer[:, :, source, :, :slots]
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Only these batch rows go on (samples that ended leave the batch)."""

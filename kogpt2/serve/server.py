@@ -16,9 +16,10 @@ import uuid
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from ..corpus.chat_format import ChatFormat, conversation, history_note, history_turns
+from ..corpus.tokenizer import encode_with_special_tokens
 from ..defaults import API_KEY_ENV, CHAT_SAMPLING, MAX_BODY_BYTES, SAMPLING, SamplingSettings
 from ..errors import KoGPT2Error
 from ..generation.batching import Batcher, Request, TokenScore, fitted_batch
@@ -133,27 +134,37 @@ CHAT_API = ApiShape("chat.completion", "chat.completion.chunk", "chatcmpl", lamb
                                    "finish_reason": None})
 
 
+class Prompt(NamedTuple):
+    ids: list[int]  # what the model reads
+    text: str  # what an echo shows
+    added: int  # start tokens the server put before the text (not echoed)
+
+
 class Answer:
     """A completion's choices, filled from the model thread's events: choice ``prompt * n + sample`` of each prompt,
     as OpenAI numbers them. ``echo`` texts start with their prompt."""
 
-    def __init__(self, tokenizer, prompts: list[tuple[list[int], str]], n: int, logprobs: int | None,
-                 echo: bool) -> None:
-        self.n, self.prompt_tokens = n, sum(len(ids) for ids, _ in prompts)
+    def __init__(self, tokenizer, prompts: list[Prompt], n: int, logprobs: int | None, echo: bool) -> None:
+        self.n, self.prompts = n, prompts
+        self.prompt_tokens = sum(len(prompt.ids) for prompt in prompts)
         self.choices = []
-        for ids, text in prompts:
+        for prompt in prompts:
             for _ in range(n):
-                choice = Choice(len(self.choices), text if echo else "")
+                choice = Choice(len(self.choices), prompt.text if echo else "")
                 if logprobs is not None:
-                    choice.logprobs = TokenLogprobs(tokenizer, [] if echo else ids, 0 if echo else len(text))
+                    context = prompt.ids[:prompt.added] if echo else prompt.ids
+                    choice.logprobs = TokenLogprobs(tokenizer, context, 0 if echo else len(prompt.text))
                 self.choices.append(choice)
 
     def take(self, prompt: int, event: object) -> list[tuple[Choice, str | None]]:
         """Fold ``event`` in; the choices it touched, each with the text it added (None: no text)."""
-        if isinstance(event, list):  # the prompt's own scores (echo), the same for each of its n choices
+        if isinstance(event, list):  # the prompt's scores (echo), the same for each of its n choices
+            shown = event[self.prompts[prompt].added:]  # a start token the server added is not echoed
+            if shown:  # as OpenAI: nothing shown before the first token predicts it
+                shown[0] = replace(shown[0], logprob=None, top=())
             touched = self.choices[prompt * self.n:(prompt + 1) * self.n]
             for choice in touched:
-                for score in event:
+                for score in shown:
                     choice.logprobs.add(score)
             return [(choice, None) for choice in touched]
         choice = self.choices[prompt * self.n + event.index]
@@ -341,14 +352,18 @@ def create_app(opened: OpenedModel, options: ServeOptions):
             raise ApiError(400, f"n: at most {max_batch} samples per prompt here (the server's --max_batch)",
                            param="n")
 
-    def prompt_of(prompt: str | list[int]) -> tuple[list[int], str]:
+    def prompt_of(prompt: str | list[int]) -> Prompt:
+        """A text prompt starts with the start token, as in training: the one it writes (``<s>`` is read as the
+        token), else one added and never echoed. Token ids are taken as they are."""
         if isinstance(prompt, str):
-            return sampler.prompt_ids(prompt), prompt
+            ids = encode_with_special_tokens(tokenizer, prompt)
+            added = not ids or ids[0] != tokenizer.bos_id
+            return Prompt([tokenizer.bos_id] * added + ids, prompt, int(added))
         bad = [token for token in prompt if not 0 <= token < tokenizer.vocab_size]
         if bad:
             raise ApiError(400, f"prompt: token id {bad[0]} is not in this model's vocabulary of "
                                 f"{tokenizer.vocab_size}", param="prompt")
-        return list(prompt), tokenizer.decode(prompt)
+        return Prompt(list(prompt), tokenizer.decode(prompt), 0)
 
     @app.post("/v1/completions", dependencies=api)
     async def completions(body: CompletionRequest, http_request: HttpRequest):
@@ -357,15 +372,15 @@ def create_app(opened: OpenedModel, options: ServeOptions):
             raise ApiError(400, "this is a chat checkpoint: use /v1/chat/completions")
         check_n(body.n)
         prompts = [prompt_of(prompt) for prompt in body.prompts()]
-        longest = max(len(ids) for ids, _ in prompts)
+        longest = max(len(prompt.ids) for prompt in prompts)
         asked = body.max_tokens if body.max_tokens is not None else min(SAMPLING.text_size, window - longest)
         if longest + asked > window or (asked == 0 and not body.echo):
             raise context_error(window, longest, max(asked, 1))
         settings = settings_of(body, SAMPLING, max(asked, 1))
         seed = body.seed if body.seed is not None else new_seed()
         completion = Completion(batcher)
-        for number, (ids, _) in enumerate(prompts):  # prompt k draws with seed + k: its own generator
-            completion.add(ids, settings if asked else None, seed + number, body.n, body.logprobs, body.echo,
+        for number, prompt in enumerate(prompts):  # prompt k draws with seed + k: its own generator
+            completion.add(prompt.ids, settings if asked else None, seed + number, body.n, body.logprobs, body.echo,
                            logit_bias(body))
         answer = Answer(tokenizer, prompts, body.n, body.logprobs, body.echo)
         return await respond(completion, answer, settings, seed, body, TEXT_API, http_request)
@@ -383,7 +398,7 @@ def create_app(opened: OpenedModel, options: ServeOptions):
         seed = body.seed if body.seed is not None else new_seed()
         completion = Completion(batcher)
         completion.add(prompt_ids, settings, seed, body.n, logit_bias=logit_bias(body))
-        answer = Answer(tokenizer, [(prompt_ids, "")], body.n, None, False)
+        answer = Answer(tokenizer, [Prompt(prompt_ids, "", 0)], body.n, None, False)
         return await respond(completion, answer, settings, seed, body, CHAT_API, http_request, talk.note)
 
     async def respond(completion: Completion, answer: Answer, settings: SamplingSettings, seed: int, body,

@@ -6,8 +6,25 @@ let controller = null;
 let chat = false;
 const history = [];
 
+// A server started with --api_key wants it on every API call: asked once, kept in this browser.
+function headers() {
+  const key = localStorage.getItem("kogpt2-api-key");
+  return { "Content-Type": "application/json", ...(key ? { Authorization: `Bearer ${key}` } : {}) };
+}
+
+async function api(url, options = {}) {
+  let response = await fetch(url, { ...options, headers: headers() });
+  while (response.status === 401) {
+    const key = window.prompt("API 키 / API key (--api_key)");
+    if (key === null) break;
+    localStorage.setItem("kogpt2-api-key", key.trim());
+    response = await fetch(url, { ...options, headers: headers() });
+  }
+  return response;
+}
+
 async function start() {
-  const info = (await (await fetch("/v1/models")).json()).data[0];
+  const info = (await (await api("/v1/models")).json()).data[0];
   chat = info.mode === "chat";
   $("model").textContent = `모델 / model: ${info.id} (${chat ? "대화 / chat" : "글쓰기 / text"})` +
     (chat ? ` · 문맥 / history: ${info.history}턴 / turns` : "");
@@ -56,8 +73,7 @@ async function generate() {
   }
   const answers = [];
   try {
-    const response = await fetch(url, { method: "POST", headers: { "Content-Type": "application/json" },
-                                        body: JSON.stringify(body), signal: controller.signal });
+    const response = await api(url, { method: "POST", body: JSON.stringify(body), signal: controller.signal });
     if (!response.ok) {
       const problem = await response.json();
       throw new Error(problem.error ? problem.error.message : response.statusText);
