@@ -5,7 +5,7 @@ import json
 import math
 
 import pytest
-from conftest import REPO
+from conftest import REPO, SAMPLE_CSV, run_main
 
 from kogpt2.evaluate import main as evaluate_main
 from kogpt2.export import main as export_main
@@ -54,7 +54,9 @@ def evaluated(checkpoint, text: str, folder, capsys) -> tuple[float, float, int]
     return float(words[1]), float(words[3].rstrip(")")), int(words[5])
 
 
-def test_lm_eval_perplexity_of_the_exported_folder_is_kogpt2_evaluate(trained, exported, tmp_path, capsys):
+def perplexity_is_kogpt2_evaluate(checkpoint, exported, folder, capsys) -> None:
+    """lm-eval's perplexity of each text on the exported folder, with README's model_args, is kogpt2.evaluate's on
+    the checkpoint; lm-eval's default scores the start token twice."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -64,7 +66,7 @@ def test_lm_eval_perplexity_of_the_exported_folder_is_kogpt2_evaluate(trained, e
     assert len(ours) == len(default) == len(texts) == 5
     model, tokenizer = AutoModelForCausalLM.from_pretrained(exported).eval(), AutoTokenizer.from_pretrained(exported)
     for text, loglikelihood, doubled in zip(texts, ours, default):
-        perplexity, loss, tokens = evaluated(trained, text, tmp_path, capsys)
+        perplexity, loss, tokens = evaluated(checkpoint, text, folder, capsys)
         assert math.exp(-loglikelihood / tokens) == pytest.approx(perplexity, rel=1e-4), text
         assert -loglikelihood / tokens == pytest.approx(loss, abs=2e-6), text
         # lm-eval's default: its prefix token, then every token of the text as the folder's tokenizer encodes it,
@@ -76,15 +78,31 @@ def test_lm_eval_perplexity_of_the_exported_folder_is_kogpt2_evaluate(trained, e
         assert doubled == pytest.approx(sum(logits[i - 1, ids[i]].item() for i in range(1, len(ids))), abs=1e-4), text
 
 
+def test_lm_eval_perplexity_of_the_exported_folder_is_kogpt2_evaluate(trained, exported, tmp_path, capsys):
+    perplexity_is_kogpt2_evaluate(trained, exported, tmp_path, capsys)
+
+
+@pytest.mark.slow
+def test_the_same_for_v2_whose_start_token_is_its_end_token(v2_release, tmp_path, capsys):
+    release, _ = v2_release("safetensors")
+    assert run_main("--epoch", 1, "--pretrained", release, "--data_file_path", SAMPLE_CSV, "--save_path",
+                    tmp_path / "run", "--max_len", 32, "--batch_size", 32, "--val_ratio", 0) == 0
+    assert export_main([str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text(encoding="utf-8"))["bos_token"] == "</s>"
+    perplexity_is_kogpt2_evaluate(tmp_path / "run", tmp_path / "hf", tmp_path, capsys)
+
+
 def test_lm_eval_on_the_server_gives_the_folders_loglikelihoods(trained, exported):
     """Fails until the server answers ``echo``/``logprobs`` (OpenAI's legacy completions fields)."""
     from test_server import Server
 
     server = Server(trained / "KoGPT2_best.tar")
     try:
+        # max_length: the window (256) less one, so that every request with the start token the server adds and
+        # the one token lm-eval asks for fits in it
         served = loglikelihoods("local-completions", f"model=kogpt2,base_url=http://127.0.0.1:{server.port}/v1/"
                                 f"completions,tokenizer={exported},tokenizer_backend=huggingface,"
-                                f"tokenized_requests=False,max_length=256", PERPLEXITY, CHOICE)
+                                "tokenized_requests=False,max_length=255", PERPLEXITY, CHOICE)
     finally:
         server.stop()
     folder = {**loglikelihoods("hf", f"pretrained={exported},add_bos_token=False", PERPLEXITY),
