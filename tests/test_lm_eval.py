@@ -98,6 +98,9 @@ def test_lm_eval_on_the_server_gives_the_folders_loglikelihoods(trained, exporte
 
     server = Server(trained / "KoGPT2_best.tar")
     try:
+        status, answer = server.post("/v1/completions", {"prompt": "오늘", "echo": True, "logprobs": 1, "max_tokens": 1,
+                                                          "temperature": 0})
+        assert status == 200 and answer["choices"][0].get("logprobs"), "the server does not answer echo/logprobs yet"
         # max_length: the window (256) less one, so that every request with the start token the server adds and
         # the one token lm-eval asks for fits in it
         served = loglikelihoods("local-completions", f"model=kogpt2,base_url=http://127.0.0.1:{server.port}/v1/"
