@@ -463,42 +463,67 @@ def test_a_body_over_the_limit_is_413(server):
     assert status == 413 and answer["error"]["code"] == "request_too_large"
 
 
-def test_a_key_is_required_beyond_this_computer_and_checked(trained, capsys, monkeypatch):
+@pytest.fixture(scope="module")
+def keyed(trained):
+    """A server with a key, one row and one place in line."""
+    running = Server(trained / "KoGPT2_best.tar", "--api_key", "s3cret", "--max_batch", "1", "--max_queue", "1")
+    yield running
+    running.stop()
+
+
+def test_a_key_is_required_beyond_this_computer_and_checked(trained, keyed, capsys, monkeypatch):
     openai = pytest.importorskip("openai")
     monkeypatch.delenv("KOGPT2_API_KEY", raising=False)
     capsys.readouterr()
     assert run_generator("--load_path", trained / "KoGPT2_best.tar", "--serve", "--host", "0.0.0.0") == 2
     assert "--api_key" in capsys.readouterr().err
-    keyed = Server(trained / "KoGPT2_best.tar", "--api_key", "s3cret", "--max_batch", "1", "--max_queue", "1")
+    assert "key required" in keyed.banner and keyed.get("/health")[0] == 200
+    for key in ("none", "wrong"):
+        with pytest.raises(openai.AuthenticationError):
+            client(keyed, api_key=key).models.list()
+    api = client(keyed, api_key="s3cret")
+    assert api.models.list().data[0].id == "KoGPT2_best"
+    # one row, one place in line: of twelve requests at once, those with no place get 503 with Retry-After
+    body = {"prompt": "긴 글", "max_tokens": 200, "logit_bias": {"1": -100}}
+    headers = {"Content-Type": "application/json", "Authorization": "Bearer s3cret"}
+    answers = []
+
+    def ask() -> None:
+        connection = keyed.connection()
+        connection.request("POST", "/v1/completions", json.dumps(body), headers)
+        response = connection.getresponse()
+        answers.append((response.status, response.getheader("Retry-After"), json.loads(response.read())))
+
+    threads = [threading.Thread(target=ask) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    statuses = sorted(status for status, *_ in answers)
+    assert len(answers) == 12 and set(statuses) == {200, 503} and statuses.count(200) >= 2
+    assert all(after == "1" and answer["error"]["code"] == "server_busy"
+               for status, after, answer in answers if status == 503)
+
+
+def test_the_page_asks_for_the_key_once(keyed, tmp_path):
+    driver = chromium(tmp_path)
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
     try:
-        assert "key required" in keyed.banner and keyed.get("/health")[0] == 200
-        for key in ("none", "wrong"):
-            with pytest.raises(openai.AuthenticationError):
-                client(keyed, api_key=key).models.list()
-        api = client(keyed, api_key="s3cret")
-        assert api.models.list().data[0].id == "KoGPT2_best"
-        # one row, one place in line: of twelve requests at once, those with no place get 503 with Retry-After
-        body = {"prompt": "긴 글", "max_tokens": 200, "logit_bias": {"1": -100}}
-        headers = {"Content-Type": "application/json", "Authorization": "Bearer s3cret"}
-        answers = []
-
-        def ask() -> None:
-            connection = keyed.connection()
-            connection.request("POST", "/v1/completions", json.dumps(body), headers)
-            response = connection.getresponse()
-            answers.append((response.status, response.getheader("Retry-After"), json.loads(response.read())))
-
-        threads = [threading.Thread(target=ask) for _ in range(12)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
-        statuses = sorted(status for status, *_ in answers)
-        assert len(answers) == 12 and set(statuses) == {200, 503} and statuses.count(200) >= 2
-        assert all(after == "1" and answer["error"]["code"] == "server_busy"
-                   for status, after, answer in answers if status == 503)
+        driver.get(f"http://127.0.0.1:{keyed.port}/")
+        wait = WebDriverWait(driver, 60)
+        wait.until(expected_conditions.alert_is_present())
+        driver.switch_to.alert.send_keys("s3cret")
+        driver.switch_to.alert.accept()
+        wait.until(lambda d: "KoGPT2_best" in d.find_element(By.ID, "model").text)
+        driver.find_element(By.ID, "max_tokens").clear()
+        driver.find_element(By.ID, "max_tokens").send_keys("5")
+        driver.find_element(By.ID, "generate").click()
+        wait.until(lambda d: "완료" in d.find_element(By.ID, "status").text)  # no second question
     finally:
-        keyed.stop()
+        driver.quit()
 
 
 def test_chat_streams_start_with_the_role_and_join_into_the_answer(chat_server):
