@@ -1,4 +1,5 @@
-"""What only a GPU can show: a real CUDA graph captured once and equal to eager decoding, a compiled step that
+"""What only a GPU can show: a real CUDA graph captured once and equal to eager decoding (the CLI's and the server's
+batch), a compiled step that
 compiles once, and fp16's gradient scaler skipping an overflowing step. Run with ``pytest -m gpu`` on a machine
 with CUDA (``bench/gpu_check.py`` does); skipped elsewhere."""
 import json
@@ -35,6 +36,35 @@ def test_graph_decoding_is_captured_once_and_equals_eager(cuda_model):
         assert draw(cuda_model, 2, True) == draw(cuda_model, 2, False)
     step = graph_step(cuda_model, 2)
     assert step.graph is not None and step.captures == 1
+
+
+def test_the_servers_batch_replays_one_graph_and_draws_as_eager(cuda_model):
+    """Requests that come and go at different positions, stepped by one captured graph over all the rows."""
+    import threading
+
+    from kogpt2.defaults import SamplingSettings
+    from kogpt2.generation.batching import Batcher, Request
+    from kogpt2.generation.engine import TextSampler
+    from kogpt2.store.scratch import train_tokenizer
+
+    texts = SAMPLE_CSV.read_text(encoding="utf-8").splitlines()[1:]
+    tokenizer = train_tokenizer(texts, vocab_size=300)
+    sampler = TextSampler(cuda_model, tokenizer)
+    got = {}
+    for static in (True, False):
+        batcher = Batcher(sampler, max_batch=4, max_waiting=8, static=static)
+        done = [threading.Event() for _ in range(6)]
+        texts = [[""] for _ in range(6)]
+        for i in range(6):
+            emit = (lambda i: lambda e: done[i].set() if e is None else texts[i].__setitem__(0, texts[i][0] + e.text))(i)
+            assert batcher.submit(Request(sampler.prompt_ids(f"{i}번째"), SamplingSettings(temperature=0,
+                                                                                           text_size=20 + 9 * i),
+                                          0, 1, emit))
+        assert all(event.wait(60) for event in done)
+        got[static] = texts
+        if static:
+            assert batcher.graph.graph is not None and batcher.graph.captures == 1
+    assert got[True] == got[False]
 
 
 def test_a_short_last_batch_compiles_the_step_once(tmp_path):
