@@ -40,7 +40,7 @@ def test_graph_decoding_is_captured_once_and_equals_eager(cuda_model):
 
 def test_the_servers_batch_replays_one_graph_and_draws_as_eager(cuda_model):
     """Requests that come and go at different positions, stepped by one captured graph over all the rows."""
-    import threading
+    from test_batching import Collected
 
     from kogpt2.defaults import SamplingSettings
     from kogpt2.generation.batching import Batcher, Request
@@ -53,15 +53,12 @@ def test_the_servers_batch_replays_one_graph_and_draws_as_eager(cuda_model):
     got = {}
     for static in (True, False):
         batcher = Batcher(sampler, max_batch=4, max_waiting=8, static=static)
-        done = [threading.Event() for _ in range(6)]
-        texts = [[""] for _ in range(6)]
-        for i in range(6):
-            emit = (lambda i: lambda e: done[i].set() if e is None else texts[i].__setitem__(0, texts[i][0] + e.text))(i)
-            assert batcher.submit(Request(sampler.prompt_ids(f"{i}번째"), SamplingSettings(temperature=0,
-                                                                                           text_size=20 + 9 * i),
-                                          0, 1, emit))
-        assert all(event.wait(60) for event in done)
-        got[static] = texts
+        collected = [Collected(1) for _ in range(6)]
+        for i, emit in enumerate(collected):
+            settings = SamplingSettings(temperature=0, text_size=20 + 9 * i)
+            assert batcher.submit(Request(sampler.prompt_ids(f"{i}번째"), settings, 0, 1, emit))
+        assert all(c.done.wait(60) for c in collected)
+        got[static] = [c.texts for c in collected]
         if static:
             assert batcher.graph.graph is not None and batcher.graph.captures == 1
     assert got[True] == got[False]
