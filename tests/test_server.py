@@ -177,6 +177,7 @@ def test_thirty_concurrent_requests_get_thirty_right_answers(server):
     ({"prompt": "a", "logit_bias": {"x": 1}}, "logit_bias"),
     ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "at most 4 stop strings"),
     ({"prompt": "a", "n": 9}, "n: at most 8 samples per prompt"),
+    ({"prompt": ["a"] * 33}, "prompt: at most 32 prompts per request"),
     ({"max_tokens": 5}, "prompt: this field is required"),
     ({"prompt": "a", "stop": [1]}, "stop"),
 ])
@@ -423,6 +424,8 @@ def test_prompt_lists_give_one_choice_per_prompt_and_sample_in_openais_order(ser
     for k, prompt in enumerate(prompts):  # prompt k draws with seed + k
         alone = api.completions.create(model="KoGPT2_best", prompt=prompt, n=2, max_tokens=10, seed=7 + k)
         assert [c.text for c in both.choices[2 * k:2 * k + 2]] == [c.text for c in alone.choices]
+    long_stop = "아주 긴 멈춤 문자열은 열여섯 글자보다 깁니다"
+    assert api.completions.create(model="KoGPT2_best", prompt="오늘", max_tokens=3, stop=long_stop).choices
     for choice in both.choices:
         assert "".join(choice.logprobs.tokens).startswith(choice.text) and all(
             lp <= 0 for lp in choice.logprobs.token_logprobs)

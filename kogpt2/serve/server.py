@@ -371,6 +371,9 @@ def create_app(opened: OpenedModel, options: ServeOptions):
         if chat:
             raise ApiError(400, "this is a chat checkpoint: use /v1/chat/completions")
         check_n(body.n)
+        if len(body.prompts()) > max(options.max_queue, 1):
+            raise ApiError(400, f"prompt: at most {max(options.max_queue, 1)} prompts per request here (the server's "
+                                "--max_queue)", param="prompt")
         prompts = [prompt_of(prompt) for prompt in body.prompts()]
         longest = max(len(prompt.ids) for prompt in prompts)
         asked = body.max_tokens if body.max_tokens is not None else min(SAMPLING.text_size, window - longest)
