@@ -1,5 +1,6 @@
 """Continuous batching: one thread owns the model and advances every running request by one token per step, over
-one KV cache whose rows are the requests' samples, each at its own position. A new request is prefilled and joins
+one KV cache whose rows are the requests' samples, each at its own position (the ``Batcher`` owns them, as a
+``Decoder`` owns the one position of a batch that decodes in step). A new request is prefilled and joins
 at the next step; a sample that ends, and every sample of a request whose client went away, leaves at once.
 
 Each request draws with its own settings and its own random generator (``Draws``, as the CLI does), so its text

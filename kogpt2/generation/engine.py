@@ -31,8 +31,8 @@ class Decoder:
     def __init__(self, model: GPT, batch: int, slots: int, static: bool) -> None:
         """``static``: fixed-shape steps over the model's whole window, replayed as a CUDA graph on CUDA (the
         model's one ``GraphStep`` for this batch size, so one such decoding at a time per model and batch size: the
-        CLI, training samples and the server's one worker each decode to the end before the next); else a cache of
-        ``slots`` for this call."""
+        CLI and training samples each decode to the end before the next, and the server's batch has its own);
+        else a cache of ``slots`` for this call."""
         self.graph = graph_step(model, batch) if static else None
         self.cache = self.graph.cache if static else model.kv_cache(batch, slots)
         self.kernels = DecodingStep(model, batch)
