@@ -122,7 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_batch", type=integer(1), default=defaults.MAX_BATCH,
                    help="--serve: 함께 생성하는 샘플 수 (기본: 장치에 맞춤, CPU는 8) / with --serve: samples decoded "
                         "together (default: fitted to the device; 8 on a CPU)")
-    p.add_argument("--max_queue", type=integer(0), default=defaults.MAX_QUEUE,
+    p.add_argument("--max_queue", type=integer(1), default=defaults.MAX_QUEUE,
                    help="--serve: 자리를 기다릴 수 있는 요청 수; 넘으면 바로 503 / with --serve: requests that may wait for "
                         "a place; past that, 503 at once")
     args = p.parse_args(argv)

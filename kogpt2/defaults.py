@@ -115,3 +115,5 @@ MAX_TOKENS = 2048
 MAX_SAMPLES = 16
 MAX_LOGPROBS = 5  # OpenAI's
 MAX_PROMPT_CHARS = 100_000
+MAX_STOP_STRINGS = 16
+MAX_REPETITION_PENALTY = 100.0  # and its inverse the least: past these, logits overflow

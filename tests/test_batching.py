@@ -78,6 +78,20 @@ def test_a_cancelled_request_leaves_within_one_step(sampler):
     assert other.done.wait(60) and len(other.texts[0]) > 0  # the other request ran on to its end
 
 
+def test_a_request_that_fails_fails_alone(sampler):
+    batcher = Batcher(sampler, max_batch=8, max_waiting=4)
+    good, bad = Collected(1), Collected(1)
+    errors = []
+    failing = lambda event: errors.append(event) if isinstance(event, Exception) else bad(event)  # noqa: E731
+    settings = SamplingSettings(text_size=60)
+    assert batcher.submit(Request(sampler.prompt_ids("오늘"), settings, 1, 1, good))
+    assert batcher.submit(Request(sampler.prompt_ids("내일"), settings, 2, 1, failing,
+                                  logit_bias={100: float("nan")}))  # a distribution of NaNs cannot be drawn from
+    assert good.done.wait(60) and bad.done.wait(60)
+    assert len(errors) == 1 and bad.texts == [""]
+    assert good.texts == sampler.complete(sampler.prompt_ids("오늘"), settings, 1)  # as if alone
+
+
 def test_a_full_waiting_line_refuses_at_once(sampler):
     batcher = Batcher(sampler, max_batch=1, max_waiting=1)
     long = dict(settings=SamplingSettings(text_size=200), seed=1, n=1)

@@ -81,9 +81,6 @@ class Running:
                 self.request.emit(TokenScore(index, token, *scores[row]))
             if sample.piece is not None:
                 self.request.emit(sample.piece)
-            if not done and sample.tokens == self.request.settings.text_size:
-                self.request.emit(sample.finish())
-                done = True
             if done:
                 ended.add(row)
         self.tokens = tokens
@@ -114,6 +111,11 @@ def prompt_scores(logits: torch.Tensor, prompt_ids: list[int], top: int) -> list
     scored = _scores(logits[:-1], following, top)
     return [TokenScore(0, prompt_ids[0], None)] + [TokenScore(0, token, value, alternatives) for token, (
         value, alternatives) in zip(prompt_ids[1:], scored)]
+
+
+def _fail(request: Request, error: Exception) -> None:
+    request.emit(error)
+    request.emit(None)
 
 
 def fitted_batch(model: GPT) -> int:
@@ -147,7 +149,9 @@ class Batcher:
         self.rows = 0  # the batch's rows in use: the first ones
         self.positions = torch.zeros(max_batch, dtype=torch.long, device=sampler.device)  # each row's next slot
         self.steps = 0
-        threading.Thread(target=self._work, name="kogpt2-model", daemon=True).start()
+        self.closing = False
+        self.thread = threading.Thread(target=self._work, name="kogpt2-model", daemon=True)
+        self.thread.start()
 
     def submit(self, request: Request) -> bool:
         """Queue ``request``; False when the line is full."""
@@ -162,16 +166,22 @@ class Batcher:
     def load(self) -> dict:
         return {"running": len(self.running), "rows": self.rows, "waiting": len(self.waiting), "steps": self.steps}
 
+    def close(self) -> None:
+        """Stop the model thread after its current step (a server shutting down)."""
+        with self.arrived:
+            self.closing = True
+            self.arrived.notify()
+        self.thread.join(timeout=10)
+
     def _work(self) -> None:
-        while True:
+        while not self.closing:
             try:
                 self._admit()
                 if self.running:
                     self._advance()
             except Exception as error:  # a failed step fails the requests in it, never the server
                 for running in self.running:
-                    running.request.emit(error)
-                    running.request.emit(None)
+                    _fail(running.request, error)
                 self.running, self.rows = [], 0
 
     @torch.no_grad()
@@ -180,9 +190,9 @@ class Batcher:
         joining, rows = [], self.rows
         while True:
             with self.arrived:
-                while not self.waiting and not self.running and not joining:
+                while not self.waiting and not self.running and not joining and not self.closing:
                     self.arrived.wait()
-                if not self.waiting:
+                if not self.waiting or self.closing:
                     break
                 request = self.waiting[0]
                 needs = request.n if request.settings is not None else 0
@@ -198,31 +208,32 @@ class Batcher:
             self._start(joining)
 
     def _start(self, joining: list[Request]) -> None:
-        """Prefill the prompts (those scored whole one by one, the others as one padded batch) and let them join."""
+        """Prefill the prompts (those scored whole one by one, the others as one padded batch) and let them join;
+        a failure fails the requests not yet joined, and the running ones go on."""
         scored = [r for r in joining if r.echo and r.logprobs is not None]
         plain = [r for r in joining if not (r.echo and r.logprobs is not None)]
+        pending = list(joining)
         try:
             started = [(request, *self._score(request)) for request in scored]
             if plain:
                 started += zip(plain, *self._prefill(plain))
-        except Exception as error:  # these requests fail, the running ones go on
-            for request in joining:
-                request.emit(error)
-                request.emit(None)
-            return
-        for request, last, cache, row in started:
-            if request.settings is None:
-                request.emit(None)
-            else:
-                self._join(request, last, cache, row)
+            for request, last, cache, row in started:
+                if request.settings is not None:
+                    self._join(request, last, cache, row)
+                else:
+                    request.emit(None)
+                pending.remove(request)
+        except Exception as error:
+            for request in pending:
+                _fail(request, error)
 
     def _score(self, request: Request) -> tuple[torch.Tensor, KVCache, int]:
         """Prefill one prompt with the logits of every position, to emit its tokens' scores."""
         prompt = request.prompt_ids
         cache = self.model.kv_cache(1, len(prompt))
         ids = torch.tensor([prompt], device=self.sampler.device)
-        logits = self.model.lm_head(self.model.hidden_states(ids, torch.arange(len(prompt), device=ids.device),
-                                                             cache))[0]  # [prompt, vocab]
+        every = torch.arange(len(prompt), device=ids.device)
+        logits = DecodingStep(self.model, 1)(ids, every, cache, every.view(1, -1))[0]  # [prompt, vocab]
         request.emit(prompt_scores(logits, prompt, request.logprobs))
         return logits[-1:], cache, 0
 
@@ -253,7 +264,15 @@ class Batcher:
         """Draw every running sample's next token, let the ended and the abandoned leave, and step the rest."""
         ended = {}
         for running in self.running:
-            ended[running] = set(range(len(running.going))) if running.request.cancelled.is_set() else running.draw()
+            every = set(range(len(running.going)))
+            if running.request.cancelled.is_set():
+                ended[running] = every
+                continue
+            try:
+                ended[running] = running.draw()
+            except Exception as error:  # this request's settings failed (say, a distribution of NaNs): it alone ends
+                running.request.emit(error)
+                ended[running] = every
         self._close_gaps(ended)
         if self.rows:
             self._step()

@@ -41,8 +41,8 @@ class _LinearOnOneDNN(torch.overrides.TorchFunctionMode):
 def last_logits(model: GPT, tokens: torch.Tensor, input_pos: torch.Tensor, cache: KVCache,
                 last: torch.Tensor | None = None) -> torch.Tensor:
     """Logits [batch, vocab] after ``tokens`` [batch, time] written at cache slots ``input_pos``: only the last
-    position's (or each row's ``last`` [batch], for prompts padded to one width), so a long prompt costs no
-    [prompt, vocab] logits."""
+    position's, so a long prompt costs no [prompt, vocab] logits; or at each row's ``last`` positions ([batch]:
+    prompts padded to one width; [batch, k]: [batch, k, vocab], a prompt to score)."""
     hidden = model.hidden_states(tokens, input_pos, cache)  # [batch, time, n_embd]
     rows = hidden[:, -1] if last is None else hidden[torch.arange(len(last), device=last.device), last]
     return model.lm_head(rows)

@@ -10,7 +10,7 @@ from typing import Protocol
 import torch
 
 from ..corpus.chat_format import ChatFormat
-from ..corpus.tokenizer import Tokenizer
+from ..corpus.tokenizer import Tokenizer, encode_with_special_tokens
 from ..defaults import TRAINING_SAMPLE, TRAINING_SAMPLE_QUESTION, SamplingSettings
 from ..errors import KoGPT2Error
 from ..model.gpt import GPT
@@ -37,6 +37,7 @@ class Decoder:
         self.cache = self.graph.cache if static else model.kv_cache(batch, slots)
         self.kernels = DecodingStep(model, batch)
         self.position = 0
+        self.batch = batch
 
     @property
     def full(self) -> bool:
@@ -65,6 +66,7 @@ class Decoder:
             return False
         self.cache.keep_rows(rows)
         self.kernels = DecodingStep(self.kernels.model, len(rows))
+        self.batch = len(rows)
         return True
 
 
@@ -153,29 +155,42 @@ def generate_ids(model: GPT, prompt_ids: list[int], settings: SamplingSettings, 
     static = device.type == "cuda" if static is None else static
     window = model.config.n_positions
     prompt = list(prompt_ids[-window:])
-    draws = Draws(prompt, len(samples), settings, rng, suppress, device)
-    owner = list(range(len(samples)))  # the sample each batch row draws for
-    going = [True] * len(samples)  # per batch row
-    decoder = Decoder(model, len(samples), min(window, len(prompt) + settings.text_size), static)
+    batch = len(samples)
+    draws = Draws(prompt, batch, settings, rng, suppress, device)
+    owner = list(range(batch))  # the sample each going row draws for, in the draws' order
+    rows = torch.arange(batch, device=device)  # and its row in the decoder's batch
+    decoder = Decoder(model, batch, min(window, len(prompt) + settings.text_size), static)
+
+    def whole_batch(going: torch.Tensor) -> torch.Tensor:
+        """The going rows' values in a tensor of the decoder's batch (a fixed shape keeps every row; the others
+        are run, unread)."""
+        if len(rows) == decoder.batch:
+            return going
+        full = torch.zeros((decoder.batch, *going.shape[1:]), dtype=going.dtype, device=device)
+        return full.index_copy(0, rows, going)
+
     logits = decoder.prefill(torch.tensor(draws.rows, device=device))  # [batch, vocab]
     for _ in range(settings.text_size):
-        tokens = draws.next_tokens(logits)  # [batch]
+        tokens = draws.next_tokens(logits)  # [going]
+        ended = set()
         for row, token in enumerate(tokens.tolist()):
-            if going[row]:
-                going[row] = not samples[owner[row]].push(token)
-                yield owner[row]
-        if not any(going):
+            if samples[owner[row]].push(token):
+                ended.add(row)
+            yield owner[row]
+        if len(ended) == len(owner):
             return
-        if not all(going):
-            kept = [row for row, on in enumerate(going) if on]
-            if decoder.keep_rows(torch.tensor(kept, device=device)):
-                draws.keep(kept)
-                owner, going = [owner[r] for r in kept], [True] * len(kept)
-                tokens = tokens[torch.tensor(kept, device=device)]
+        if ended:  # an ended sample leaves: it draws no more and feeds no penalty
+            kept = [row for row in range(len(owner)) if row not in ended]
+            index = torch.tensor(kept, device=device)
+            draws.keep(kept)
+            owner, tokens, rows = [owner[r] for r in kept], tokens[index], rows[index]
+            if decoder.keep_rows(rows):
+                rows = torch.arange(len(kept), device=device)
         if decoder.full:  # slide: the newest half of the text becomes the new prompt
-            logits = decoder.prefill(torch.tensor([row[-(window // 2):] for row in draws.rows], device=device))
+            newest = torch.tensor([row[-(window // 2):] for row in draws.rows], device=device)
+            logits = decoder.prefill(whole_batch(newest))[rows]
         else:
-            logits = decoder.step(tokens)
+            logits = decoder.step(whole_batch(tokens))[rows]
 
 
 class TextStream:
@@ -256,8 +271,8 @@ class SampleText:
     ``piece`` (None when nothing did)."""
 
     def __init__(self, index: int, tokenizer: Tokenizer, prompt_ids: list[int], end_ids: set[int],
-                 stops: tuple[str, ...], trim_start: bool) -> None:
-        self.index, self.end_ids = index, end_ids
+                 stops: tuple[str, ...], trim_start: bool, text_size: int) -> None:
+        self.index, self.end_ids, self.text_size = index, end_ids, text_size
         self.text, self.stop = TextStream(tokenizer, prompt_ids), StopText(stops)
         self.started = not trim_start
         self.tokens = 0
@@ -269,15 +284,11 @@ class SampleText:
             return True
         self.tokens += 1
         shown = self.stop.push(self.text.push(token))
-        if self.stop.stopped:
-            self.piece = self._piece(shown + self.stop.flush(), "stop")
+        if self.stop.stopped or self.tokens == self.text_size:
+            self.piece = self._piece(shown + self.stop.flush(), "stop" if self.stop.stopped else "length")
             return True
         self.piece = self._piece(shown) if shown else None
         return False
-
-    def finish(self) -> Piece:
-        """The last piece of a sample that ran to its length."""
-        return self._piece(self.stop.flush(), "length")
 
     def _piece(self, text: str, finish: str | None = None) -> Piece | None:
         if not self.started:
@@ -300,29 +311,29 @@ class TextSampler:
         self.trim_start = trim_start
         self.device = next(model.parameters()).device
 
+    def framed(self, prompt: str) -> tuple[list[int], int]:
+        """The prompt's ids as every text was framed in training, after the start token (special tokens it writes,
+        such as ``<s>``, read as tokens, as transformers' tokenizers read them); and how many start tokens were
+        added for it (0 when it starts with one)."""
+        ids = encode_with_special_tokens(self.tokenizer, prompt)
+        added = int(not ids or ids[0] != self.tokenizer.bos_id)
+        return [self.tokenizer.bos_id] * added + ids, added
+
     def prompt_ids(self, prompt: str) -> list[int]:
-        """The start token, then the prompt: how every text was framed in training."""
-        return [self.tokenizer.bos_id] + self.tokenizer.encode(prompt)
+        return self.framed(prompt)[0]
 
     def stream(self, prompt_ids: list[int], settings: SamplingSettings, seed: int,
                num_samples: int = 1) -> Iterator[Piece]:
         """Pieces of ``num_samples`` continuations drawn together; each sample ends with one ``done`` piece."""
         samples = self.sample_texts(prompt_ids, settings, num_samples)
-        ended = set()
         for index in generate_ids(self.model, prompt_ids, settings, samples, self.generator(seed), self.suppress):
-            piece = samples[index].piece
-            if piece is not None:
-                if piece.done:
-                    ended.add(index)
-                yield piece
-        for sample in samples:
-            if sample.index not in ended:
-                yield sample.finish()
+            if samples[index].piece is not None:
+                yield samples[index].piece
 
     def sample_texts(self, prompt_ids: list[int], settings: SamplingSettings, num_samples: int) -> list[SampleText]:
         """The texts of ``num_samples`` samples of ``prompt_ids``, each ending where this sampler's samples end."""
-        return [SampleText(i, self.tokenizer, prompt_ids, self.end_ids, settings.stop, self.trim_start)
-                for i in range(num_samples)]
+        return [SampleText(i, self.tokenizer, prompt_ids, self.end_ids, settings.stop, self.trim_start,
+                           settings.text_size) for i in range(num_samples)]
 
     def generator(self, seed: int) -> torch.Generator:
         """The random generator a seed names: one per prompt, so its text depends on nothing else drawn."""

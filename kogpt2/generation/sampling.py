@@ -60,14 +60,18 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+GREEDY_BELOW = 1e-5  # a lower temperature is greedy (as vLLM's): dividing by it would overflow the logits
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token id per row: greedy at temperature 0, else a draw from the filtered distribution.
+    """One token id per row: greedy at temperature 0 (or below ``GREEDY_BELOW``), else a draw from the filtered
+    distribution.
 
     With top-k the nucleus is cut among the k candidates only: the same tokens as filtering the whole vocabulary,
     without sorting 51,200 logits every step.
     """
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     logits = apply_temperature(logits.float(), temperature)
     if 0 < top_k < logits.shape[-1]:

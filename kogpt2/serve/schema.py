@@ -8,7 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..defaults import MAX_LOGPROBS, MAX_PROMPT_CHARS, MAX_SAMPLES, MAX_TOKENS, OPENAI_PENALTY
+from ..defaults import (MAX_LOGPROBS, MAX_PROMPT_CHARS, MAX_REPETITION_PENALTY, MAX_SAMPLES, MAX_STOP_STRINGS,
+                        MAX_TOKENS, OPENAI_PENALTY)
 
 
 class StreamOptions(BaseModel):
@@ -25,7 +26,8 @@ class SamplingFields(BaseModel):
     temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=0)
-    repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(None, ge=1 / MAX_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY,
+                                             allow_inf_nan=False)
     presence_penalty: float | None = Field(None, ge=-OPENAI_PENALTY, le=OPENAI_PENALTY, allow_inf_nan=False)
     frequency_penalty: float | None = Field(None, ge=-OPENAI_PENALTY, le=OPENAI_PENALTY, allow_inf_nan=False)
     no_repeat_ngram: int | None = Field(None, ge=0)
@@ -39,26 +41,39 @@ class SamplingFields(BaseModel):
 
     @field_validator("stop")
     @classmethod
-    def at_most_four(cls, stop):
-        """OpenAI's limit: up to 4 stop strings (a single string may be of any length)."""
-        if isinstance(stop, list) and len(stop) > 4:
-            raise ValueError("at most 4 stop strings")
+    def not_too_many(cls, stop):
+        """Up to ``MAX_STOP_STRINGS`` (OpenAI's 4 is too few for lm-eval, which sends a task's every stop string
+        and the end token); a single string may be of any length."""
+        if isinstance(stop, list) and len(stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
         return stop
 
     @field_validator("logit_bias")
     @classmethod
     def token_ids_and_range(cls, bias):
         for key, value in (bias or {}).items():
-            if not key.isdigit():
+            if not (key.isascii() and key.isdigit()):
                 raise ValueError(f"keys are token ids, not {key!r}")
             if not -100 <= value <= 100:
                 raise ValueError(f"biases are in [-100, 100], not {value}")
         return bias
 
+    @model_validator(mode="before")
+    @classmethod
+    def no_tools(cls, body):
+        """Tools, functions and structured output would change the answer and are not done here."""
+        if isinstance(body, dict):
+            for name in ("tools", "tool_choice", "functions", "function_call"):
+                if body.get(name) not in (None, [], "none"):
+                    raise ValueError(f"{name}: not supported by this model (plain text only)")
+            if body.get("response_format") not in (None, {"type": "text"}):
+                raise ValueError("response_format: only {\"type\": \"text\"} is supported by this model")
+        return body
+
     @model_validator(mode="after")
     def stream_options_need_stream(self):
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed with stream: true")
+            raise ValueError("stream_options: only allowed with stream: true")
         return self
 
 
@@ -147,6 +162,8 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     where = ".".join(parts) or "body"
     if first.get("type") == "missing":
         return f"{where}: this field is required", where
+    if parts and parts[0] == "prompt" and first.get("type") != "value_error":
+        return ("prompt: give a string, a list of strings, a list of token ids, or a list of those", "prompt")
     message = first.get("msg", "invalid value").removeprefix("Value error, ")
     if not parts:  # a check over the whole body names its field itself ("best_of: ...")
         return message, message.split(":")[0] if ":" in message else None

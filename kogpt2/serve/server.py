@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from ..corpus.chat_format import ChatFormat, conversation, history_note, history_turns
-from ..corpus.tokenizer import encode_with_special_tokens
 from ..defaults import API_KEY_ENV, CHAT_SAMPLING, MAX_BODY_BYTES, SAMPLING, SamplingSettings
 from ..errors import KoGPT2Error
 from ..generation.batching import Batcher, Request, TokenScore, fitted_batch
@@ -96,7 +95,8 @@ class Completion:
                 if event is None:
                     open_requests -= 1
                 elif isinstance(event, Exception):
-                    raise ApiError(500, f"the model failed: {event}", "server_error")
+                    reason = (str(event).strip().splitlines() or [type(event).__name__])[0]
+                    raise ApiError(500, f"the model failed on this request: {reason}", "server_error")
                 else:
                     yield index, event
         finally:  # done, or the client went away: either way its rows leave the batch at the next step
@@ -136,7 +136,7 @@ CHAT_API = ApiShape("chat.completion", "chat.completion.chunk", "chatcmpl", lamb
 
 class Prompt(NamedTuple):
     ids: list[int]  # what the model reads
-    text: str  # what an echo shows
+    text: str  # what an echo shows: the ids decoded, so that its tokens' texts join into it
     added: int  # start tokens the server put before the text (not echoed)
 
 
@@ -197,27 +197,28 @@ async def streamed(completion: Completion, answer: Answer, head: dict, api: ApiS
             fields["logprobs"] = choice.logprobs.new()
         return {**fields, "finish_reason": choice.finish if done else None}
 
-    for choice in answer.choices:  # chat: the role first; echo: the prompt first
-        first = api.first(choice.index) or (piece(choice, choice.text, False) if choice.text else None)
-        if first:
-            yield event([first])
-    finished = set()
     try:
+        for choice in answer.choices:  # chat: the role first; echo: the prompt first
+            first = api.first(choice.index) or (piece(choice, choice.text, False) if choice.text else None)
+            if first:
+                yield event([first])
+        finished = set()
         async for prompt, item in completion:
             for choice, text in answer.take(prompt, item):
                 done = isinstance(item, Piece) and item.done
                 if done:
                     finished.add(choice.index)
                 yield event([piece(choice, text or "", done)])
+        for choice in answer.choices:  # a prompt only scored (echo, max_tokens 0) ends here
+            if choice.index not in finished:
+                yield event([piece(choice, "", True)])
+        if usage:
+            yield event([], usage=answer.usage())
+        yield "data: [DONE]\n\n"
     except ApiError as error:
         yield f"data: {json.dumps({'error': {'message': error.message, 'type': error.kind}}, ensure_ascii=False)}\n\n"
-        return
-    for choice in answer.choices:  # a prompt only scored (echo, max_tokens 0) ends here
-        if choice.index not in finished:
-            yield event([piece(choice, "", True)])
-    if usage:
-        yield event([], usage=answer.usage())
-    yield "data: [DONE]\n\n"
+    finally:  # a client gone before the first event leaves the batch too
+        completion.cancel()
 
 
 async def collected(completion: Completion, answer: Answer, head: dict, api: ApiShape, http_request) -> dict:
@@ -266,6 +267,7 @@ def create_app(opened: OpenedModel, options: ServeOptions):
     max_batch = options.max_batch or fitted_batch(opened.model)
     batcher = Batcher(sampler, max_batch, options.max_queue)
     app = FastAPI(title="kogpt2-finetune", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.batcher = batcher
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
 
     @app.exception_handler(ApiError)
@@ -356,9 +358,8 @@ def create_app(opened: OpenedModel, options: ServeOptions):
         """A text prompt starts with the start token, as in training: the one it writes (``<s>`` is read as the
         token), else one added and never echoed. Token ids are taken as they are."""
         if isinstance(prompt, str):
-            ids = encode_with_special_tokens(tokenizer, prompt)
-            added = not ids or ids[0] != tokenizer.bos_id
-            return Prompt([tokenizer.bos_id] * added + ids, prompt, int(added))
+            ids, added = sampler.framed(prompt)
+            return Prompt(ids, tokenizer.decode(ids), added)
         bad = [token for token in prompt if not 0 <= token < tokenizer.vocab_size]
         if bad:
             raise ApiError(400, f"prompt: token id {bad[0]} is not in this model's vocabulary of "
@@ -371,12 +372,12 @@ def create_app(opened: OpenedModel, options: ServeOptions):
         if chat:
             raise ApiError(400, "this is a chat checkpoint: use /v1/chat/completions")
         check_n(body.n)
-        if len(body.prompts()) > max(options.max_queue, 1):
-            raise ApiError(400, f"prompt: at most {max(options.max_queue, 1)} prompts per request here (the server's "
+        if len(body.prompts()) > options.max_queue:
+            raise ApiError(400, f"prompt: at most {options.max_queue} prompts per request here (the server's "
                                 "--max_queue)", param="prompt")
         prompts = [prompt_of(prompt) for prompt in body.prompts()]
         longest = max(len(prompt.ids) for prompt in prompts)
-        asked = body.max_tokens if body.max_tokens is not None else min(SAMPLING.text_size, window - longest)
+        asked = body.max_tokens if body.max_tokens is not None else max(0, min(SAMPLING.text_size, window - longest))
         if longest + asked > window or (asked == 0 and not body.echo):
             raise context_error(window, longest, max(asked, 1))
         settings = settings_of(body, SAMPLING, max(asked, 1))
@@ -489,8 +490,12 @@ def serve(opened: OpenedModel, options: ServeOptions) -> None:
     endpoint = "/v1/chat/completions" if opened.chat else "/v1/completions"
     print(f"serving {options.name} ({opened.source}) at http://{shown}:{options.port}/  (API: {endpoint}"
           f"{'; key required' if options.api_key else ''}; Ctrl-C stops)", flush=True)
+    app = server.config.app
     with listening:
-        server.run(sockets=[listening])
+        try:
+            server.run(sockets=[listening])
+        finally:
+            app.state.batcher.close()
     if not server.started:
         raise KoGPT2Error(f"the web server on {options.host}:{options.port} did not start (its message is above)")
 
