@@ -271,6 +271,31 @@ def test_fixed_shape_decoding_gives_the_same_tokens(model_and_tokenizer, setting
     assert runs[0] == runs[1] and {len(ids) for ids in runs[0]} == {model.config.n_positions + 40}
 
 
+class EndsAfter(TokenList):
+    """A sample that ends after ``length`` tokens (as a stop string would end it)."""
+
+    def __init__(self, length: int) -> None:
+        super().__init__()
+        self.length = length
+
+    def push(self, token: int) -> bool:
+        super().push(token)
+        return len(self.ids) == self.length
+
+
+def test_fixed_shape_decoding_draws_as_the_shrinking_batch_when_samples_end_apart(model_and_tokenizer):
+    """An ended sample draws no more on either path, so the samples still going draw the same tokens."""
+    model, tokenizer = model_and_tokenizer
+    prompt = [tokenizer.bos_id] + tokenizer.encode("오늘 아침에")
+    settings = SamplingSettings(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.2, text_size=60)
+    runs = []
+    for static in (False, True):
+        samples = [EndsAfter(length) for length in (7, 60, 23)]
+        list(generate_ids(model, prompt, settings, samples, torch.Generator().manual_seed(3), static=static))
+        runs.append([sample.ids for sample in samples])
+    assert runs[0] == runs[1] and [len(ids) for ids in runs[0]] == [7, 60, 23]
+
+
 def test_the_captured_decoding_step_is_reused_across_calls(model_and_tokenizer, monkeypatch):
     """On CUDA a capture synchronises and empties the allocator's cache, so it happens once per model and batch size,
     not once per prompt. Counted on the CPU with a stand-in for the CUDA graph (replay reruns the captured step into
