@@ -44,6 +44,14 @@ COPY_WORDS = 8  # --no_copy: the longest run of words a sample may share with a 
 HOST = "127.0.0.1"  # --serve: this computer only
 PORT = 8000
 
+# --lora: adapters beside the attention and MLP projections of every block (the Hugging Face GPT-2 names, which PEFT's
+# target_modules match), scaled by alpha / rank; they learn at a higher rate than full fine-tuning's.
+LORA_PROJECTIONS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+LORA_TARGETS = LORA_PROJECTIONS
+LORA_ALPHA = 16.0
+LORA_DROPOUT = 0.05
+LORA_LR = 2e-4
+
 
 @dataclass(frozen=True)
 class SamplingSettings:

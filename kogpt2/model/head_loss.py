@@ -40,12 +40,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     softmax = torch.exp(logits.sub_(log_z[:, None]))
                     softmax[rows, t.clamp(min=0)] -= 1
                     grad_logits[start:start + chunk] = softmax.mul_(valid[:, None])
-            ctx.in_place = need_grads and tied is not None and tied.usable_in_place(dtype)
+            # A frozen head (LoRA) gets no gradient: neither the [vocab, C] matmul nor a .grad in the kept buffer.
+            ctx.weight_grad = ctx.needs_input_grad[1]
+            ctx.in_place = ctx.weight_grad and tied is not None and tied.usable_in_place(dtype)
             if ctx.in_place:  # the weight's gradient is added to its .grad in backward (see tied_grad.py)
                 ctx.tied = tied
                 ctx.save_for_backward((grad_logits @ w).to(hidden.dtype), grad_logits, h)
-            elif need_grads:  # two large matmuls, as fast as the plain head's backward
+            elif ctx.weight_grad:  # two large matmuls, as fast as the plain head's backward
                 ctx.save_for_backward((grad_logits @ w).to(hidden.dtype), (grad_logits.t() @ h).to(weight.dtype))
+            elif need_grads:
+                ctx.save_for_backward((grad_logits @ w).to(hidden.dtype))
         return total
 
     @staticmethod
@@ -53,6 +57,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.in_place:
             grad_hidden, grad_logits, h = ctx.saved_tensors
             ctx.tied.accumulator().addmm_(grad_logits.t(), h, alpha=grad_total.item())
+            return grad_hidden.mul_(grad_total), None, None, None
+        if not ctx.weight_grad:
+            (grad_hidden,) = ctx.saved_tensors
             return grad_hidden.mul_(grad_total), None, None, None
         grad_hidden, grad_weight = ctx.saved_tensors  # formed for this one backward: scale them in place
         return grad_hidden.mul_(grad_total), grad_weight.mul_(grad_total), None, None
