@@ -63,8 +63,11 @@ class LoRALinear(nn.Module):
         self.dropout = settings.dropout  # a number, not an nn.Dropout: GPT.set_dropout leaves it alone
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        update = F.linear(F.linear(F.dropout(x, self.dropout, self.training), self.lora_A), self.lora_B)
-        return F.linear(x, self.weight, self.bias) + update * self.scaling
+        # The scaling multiplies the [.., rank] activations, not the [.., out] update; no dropout call at rate 0
+        # (on the CPU each mask costs milliseconds).
+        dropped = F.dropout(x, self.dropout, self.training) if self.dropout else x
+        low_rank = F.linear(dropped, self.lora_A) * self.scaling
+        return F.linear(x, self.weight, self.bias).add_(F.linear(low_rank, self.lora_B))
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
