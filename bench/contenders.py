@@ -273,6 +273,45 @@ def gen_ours_lora() -> dict:
         return {**gen_ours("fp32", model=opened.model), "open_s": open_s, "checkpoint_mb": path.stat().st_size / 1e6}
 
 
+QUALITY_RUN = ("--max_len", "64", "--batch_size", "4", "--epoch", "4", "--eval_every", "10", "--seed", "1")
+
+
+def quality_lora() -> dict:
+    """Validation loss on the sample data after the same tokens, full fine-tuning (its default rate) against
+    --lora 8 (its own), both from one base: a small GPT-2 (scratch:small) first trained on other Korean text (the
+    chat samples' questions and answers), as no KoGPT2 weights are here. All through main.py."""
+    import io
+    from contextlib import redirect_stdout
+
+    import main
+
+    texts = []
+    for name in ("chat_sample.csv", "dialogue_sample.csv"):
+        with (REPO / "data" / name).open(encoding="utf-8") as f:
+            texts += [text for row in csv.DictReader(f) for text in (row["Q"], row["A"])]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        other = folder / "other.csv"
+        with other.open("w", encoding="utf-8", newline="") as f:
+            csv.writer(f).writerows([["sent"], *([t] for t in texts)])
+
+        def train(*argv: str) -> list[dict]:
+            save = folder / str(len(list(folder.iterdir())))
+            with redirect_stdout(io.StringIO()):
+                assert main.main([*argv, "--save_path", str(save)]) == 0
+            return [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+
+        train("--pretrained", "scratch:small", "--data_file_path", str(other), "--epoch", "15", "--max_len", "64",
+              "--val_ratio", "0", "--seed", "1")
+        base = str(next(folder.glob("*/KoGPT2_checkpoint_*.tar")))
+        runs = {name: train("--pretrained", base, "--data_file_path", str(SAMPLE), *QUALITY_RUN, *extra)
+                for name, extra in (("full", ()), ("lora8", ("--lora", str(BENCH_LORA))))}
+    curve = {name: [(m["step"], round(m["val_loss"], 4)) for m in metrics if "val_loss" in m]
+             for name, metrics in runs.items()}
+    return {"val_loss": curve, "tokens_per_step": BATCH * 64, "peak_rss_gib": peak_rss_gib(),
+            "run_tokens_per_s": {name: metrics[-1]["tokens_per_s"] for name, metrics in runs.items()}}
+
+
 # ---- data and start-up -------------------------------------------------------------------------------------------
 
 def big_csv(path: Path, rows: int = 1_000_000) -> None:
@@ -313,6 +352,7 @@ CONTENDERS = {
     "gen_ours_bf16": lambda: gen_ours("bf16"),
     "gen_ours_fp32_x8": lambda: gen_ours("fp32", 8),
     "gen_ours_lora8": gen_ours_lora,
+    "quality_lora": quality_lora,
 }
 
 if __name__ == "__main__":
