@@ -300,3 +300,22 @@ def test_exporting_adapters_of_a_whole_model_is_one_line(trained, tmp_path, caps
     assert export_main([str(trained), str(tmp_path / "adapter"), "--adapter"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds a whole model, not LoRA adapters (trained with --lora)" in err
+
+
+@pytest.mark.slow
+def test_lora_under_torchrun_equals_one_process_with_the_whole_batch(tmp_path, base):
+    from test_distributed import torchrun
+
+    args = ("--epoch", 2, "--pretrained", base, *LORA[:-4], "--dropout", 0, "--lora_dropout", 0, "--lora", 4,
+            "--grad_accum", 2, "--keep_last", 0)
+    process = torchrun(*args, "--batch_size", 2, "--save_path", tmp_path / "two")
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    assert run_main(*args, "--batch_size", 4, "--save_path", tmp_path / "one") == 0
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert len(one) == len(two) >= 10
+    assert all(abs(a["train_loss"] - b["train_loss"]) <= 1e-5 for a, b in zip(one, two))
+    want, got = final_state(tmp_path / "one"), final_state(tmp_path / "two")
+    assert "model_state_dict" not in got
+    for name, tensor in want["adapters"].items():
+        assert (tensor - got["adapters"][name]).abs().max() <= 1e-5, name
