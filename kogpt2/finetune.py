@@ -176,7 +176,7 @@ def _run(args: argparse.Namespace, world: World, device_name: str) -> int:
     torch.manual_seed(run.seed)  # a fresh model's initial weights, dropout: all follow --seed
     corpus = corpus_of(train_csv, run)
     model, tokenizer = _starting_model(run, resume, corpus, say)
-    base = _adapters(run, resume, model)
+    base = _frozen_base(run, resume, model)
     train_data, val_data = _packed(run, model, tokenizer, corpus, corpus_of(val_csv, run) if val_csv else None)
     trainer = _trainer(run, world, device, model, tokenizer, train_data, val_data, train_csv.sha256, corpus, run_id,
                        base, say)
@@ -219,9 +219,9 @@ def lora_settings(run: argparse.Namespace) -> LoraSettings | None:
     return LoraSettings(run.lora, run.lora_alpha, run.lora_dropout, tuple(run.lora_layers)) if run.lora else None
 
 
-def _adapters(run: argparse.Namespace, resume: OpenedModel | None, model: GPT) -> BaseModel | None:
-    """A new LoRA run's fresh adapters beside its frozen base; the base's place and checksum, which every checkpoint
-    of the run keeps (a resume's model has its adapters already)."""
+def _frozen_base(run: argparse.Namespace, resume: OpenedModel | None, model: GPT) -> BaseModel | None:
+    """Where a LoRA run's frozen base is and its checksum, which every checkpoint of the run keeps; a new run's fresh
+    adapters are put beside it here (a resume's model has its own already). None: full fine-tuning."""
     if resume is not None and resume.record.ours:
         return resume.record.base
     settings = lora_settings(run)

@@ -1,13 +1,11 @@
 """main.py --lora: adapters trained beside a frozen base, small checkpoints that resume exactly and refuse another
 base, that every command opens merged like any other model, and that export for transformers and PEFT."""
 import json
-import os
 import shutil
-import signal
 
 import pytest
 import torch
-from conftest import DIALOGUE_CSV, SAMPLE_CSV, run_generator, run_main
+from conftest import DIALOGUE_CSV, SAMPLE_CSV, ctrl_c_at_step, run_generator, run_main
 from test_export import greedy_like_the_generator
 from test_train import assert_same_tensors, final_state
 
@@ -108,18 +106,9 @@ def test_only_the_adapters_train_and_the_checkpoint_holds_no_base_weight(adapted
 def test_an_interrupted_lora_run_resumed_equals_one_run(tmp_path, base, monkeypatch, capsys):
     """Stopped by Ctrl-C and resumed with no --lora flag: the same adapters, moments and progress, tensor for
     tensor (the adapters' dropout draws from the saved random state)."""
-    from kogpt2.train.trainer import Trainer
-
-    args = ("--epoch", 2, "--pretrained", base, *LORA)
+    args = ("--epoch", 2, "--pretrained", base, *LORA, "--lora_dropout", 0.1)
     assert run_main(*args, "--save_path", tmp_path / "straight") == 0
-    step = Trainer._step
-
-    def ctrl_c_at_step_13(self, *step_args):
-        if self.progress.step == 13:
-            os.kill(os.getpid(), signal.SIGINT)
-        return step(self, *step_args)
-
-    monkeypatch.setattr(Trainer, "_step", ctrl_c_at_step_13)
+    ctrl_c_at_step(monkeypatch, 13)
     assert run_main(*args, "--save_path", tmp_path / "cut") == 0
     monkeypatch.undo()
     assert final_state(tmp_path / "cut")["progress"]["step"] == 14

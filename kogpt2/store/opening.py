@@ -14,7 +14,7 @@ from ..defaults import PRETRAINED
 from ..errors import KoGPT2Error
 from ..model.gpt import GPT, GPTConfig
 from ..model.hf_layout import hf_state_dict, infer_config, load_hf_state_dict
-from ..model.lora import LoraSettings, add_adapters, load_adapter_state, merge_adapters
+from ..model.lora import add_adapters, load_adapter_state, merge_adapters
 from .checkpoint import (
     BaseModel,
     CheckpointRecord,
@@ -113,18 +113,14 @@ def open_checkpoint(path: Path, pretrained: str, merge: bool = True) -> OpenedMo
 def adapted_model(payload: dict, record: CheckpointRecord, merge: bool) -> GPT:
     """An adapter checkpoint's base (found and checked) with its adapters, merged into the weights or beside them."""
     model = open_base(record.base, record.path)
-    attach_adapters(model, record.lora, adapters_of(payload), str(record.path))
+    add_adapters(model, record.lora)
+    try:
+        load_adapter_state(model, adapters_of(payload))
+    except KoGPT2Error as error:
+        raise KoGPT2Error(f"{record.path}: {error}") from None
     if merge:
         merge_adapters(model)
     return model
-
-
-def attach_adapters(model: GPT, settings: LoraSettings, state: dict[str, torch.Tensor], source: str) -> None:
-    add_adapters(model, settings)
-    try:
-        load_adapter_state(model, state)
-    except KoGPT2Error as error:
-        raise KoGPT2Error(f"{source}: {error}") from None
 
 
 def weights_sha256(model: GPT) -> str:
