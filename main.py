@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from kogpt2 import defaults
-from kogpt2.arguments import Parser, device, given_flags, integer, number
+from kogpt2.arguments import Parser, device, given_flags, integer, number, projections
 from kogpt2.store.scratch import DEFAULT_SIZE, SIZES
 
 
@@ -114,6 +114,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grad_checkpoint", action="store_true",
                    help="역전파 때 활성값을 다시 계산: 메모리는 훨씬 적고 약 1/3 느리며 기울기는 같음 / recompute "
                         "activations in the backward pass: much less memory, about a third slower, the same gradients")
+    p.add_argument("--lora", type=integer(1), default=None,
+                   help="LoRA 랭크: 기본 가중치는 고정하고 작은 어댑터만 학습 (체크포인트 몇 MB, 메모리 적게, 스텝 빠르게) / "
+                        "LoRA rank: freeze the base weights and train small adapters beside them (checkpoints of a few "
+                        "MB, less memory, faster steps; default: off, every weight trains)")
+    p.add_argument("--lora_alpha", type=number(above=0), default=defaults.LORA_ALPHA,
+                   help="--lora: 어댑터의 크기 배율 (alpha / 랭크) / with --lora: the adapters' update is scaled by "
+                        "alpha / rank")
+    p.add_argument("--lora_dropout", type=number(0, 0.99), default=defaults.LORA_DROPOUT,
+                   help="--lora: 어댑터 입력의 드롭아웃 / with --lora: dropout on the adapters' input")
+    p.add_argument("--lora_layers", type=projections, default=defaults.LORA_TARGETS,
+                   help="--lora: 어댑터를 붙일 블록 안의 층, 쉼표로 / with --lora: the projections in each block that get "
+                        f"adapters, comma-separated, of {','.join(defaults.LORA_PROJECTIONS)} (default: all of them, "
+                        "attention and MLP)")
     args = p.parse_args(argv)
     args.given = given_flags(p, argv)
     return args

@@ -108,10 +108,47 @@ def train_transformers(precision: str = "fp32") -> dict:
     return {"tokens_per_s": tokens / (time.perf_counter() - start), "peak_rss_gib": peak_rss_gib(), "losses": losses}
 
 
-def train_ours(precision: str, compiled: bool = False) -> dict:
-    """The product's own loop (Trainer) with its own allocator setting, on the same blocks."""
+BENCH_LORA = 8  # --lora 8 with the default alpha, dropout and layers
+
+
+def lora_model_and_origin(torch, base_folder: Path | None = None):
+    """Our model with rank-8 adapters beside its frozen weights, and the run origin that names its base (saved as a
+    Hugging Face folder in ``base_folder`` when given, so that an adapter checkpoint can open it again)."""
+    from kogpt2.defaults import LORA_ALPHA, LORA_DROPOUT, LORA_TARGETS
+    from kogpt2.model.lora import LoraSettings, add_adapters
+    from kogpt2.store.checkpoint import BaseModel, RunOrigin
+    from kogpt2.store.opening import base_reference
+
+    model = our_model(torch)
+    base = BaseModel("none", "hub", "")
+    if base_folder is not None:
+        save_hf_folder(model, base_folder)
+        base = base_reference(str(base_folder), model)
+    settings = LoraSettings(BENCH_LORA, LORA_ALPHA, LORA_DROPOUT, LORA_TARGETS)
+    add_adapters(model, settings)
+    return model, RunOrigin("random blocks", "", "sent", "none", {}, "text", "bench", lora=settings, base=base)
+
+
+def save_hf_folder(model, folder: Path) -> None:
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from kogpt2.model.hf_layout import hf_state_dict
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({**model.config.to_hf(), "bos_token_id": 0, "eos_token_id": 1}))
+    save_file({k: v.contiguous() for k, v in hf_state_dict(model).items() if k != "lm_head.weight"},
+              str(folder / "model.safetensors"))
+    shutil.copy(V2_TOKENIZER, folder / "tokenizer.json")
+
+
+def train_ours(precision: str, compiled: bool = False, lora: bool = False) -> dict:
+    """The product's own loop (Trainer) with its own allocator setting, on the same blocks; ``lora``: --lora 8 at
+    its default rate."""
     import torch
 
+    from kogpt2.defaults import LORA_LR
     from kogpt2.runtime import keep_freed_memory
     from kogpt2.store.checkpoint import RunOrigin, generation_payload, load_checkpoint, save_checkpoint
     from kogpt2.train.trainer import Trainer, TrainSettings
@@ -120,8 +157,10 @@ def train_ours(precision: str, compiled: bool = False) -> dict:
     tok = tokenizer()
     data = packed_blocks(tok)
     with tempfile.TemporaryDirectory() as folder:
-        trainer = Trainer(our_model(torch), tok, data, None, TrainSettings(save_path=folder, batch_size=BATCH,
-                          precision=precision, lr=3e-5, warmup=0, compile=compiled), origin=RunOrigin("random blocks", "", "sent", "none", {}, "text", "bench"))
+        model, origin = lora_model_and_origin(torch) if lora else \
+            (our_model(torch), RunOrigin("random blocks", "", "sent", "none", {}, "text", "bench"))
+        trainer = Trainer(model, tok, data, None, TrainSettings(save_path=folder, batch_size=BATCH,
+                          precision=precision, lr=LORA_LR if lora else 3e-5, warmup=0, compile=compiled), origin=origin)
         trainer.model.train()
         losses, tokens = [], 0
         for i in range(TRAIN_STEPS + WARMUP_STEPS):
@@ -133,7 +172,9 @@ def train_ours(precision: str, compiled: bool = False) -> dict:
             tokens += n if i >= WARMUP_STEPS else 0
         elapsed = time.perf_counter() - start
         result = {"tokens_per_s": tokens / elapsed, "peak_rss_gib": peak_rss_gib(), "losses": losses}  # before saving
-        if precision == "fp32" and not compiled:
+        if lora:
+            result["checkpoint_mb"] = trainer.save().stat().st_size / 1e6
+        elif precision == "fp32" and not compiled:
             path = trainer.save()
             result["checkpoint_gib"] = path.stat().st_size / 2**30
             slim = Path(folder) / "generate.tar"
@@ -186,7 +227,7 @@ def gen_transformers() -> dict:
     return {"tokens_per_s": produced / (time.perf_counter() - start), "peak_rss_gib": peak_rss_gib()}
 
 
-def gen_ours(dtype: str = "fp32", num_samples: int = 1) -> dict:
+def gen_ours(dtype: str = "fp32", num_samples: int = 1, model=None) -> dict:
     """The product's generation path: KV cache, sampling filters and streaming decode of every sample."""
     import torch
 
@@ -195,7 +236,7 @@ def gen_ours(dtype: str = "fp32", num_samples: int = 1) -> dict:
     from kogpt2.store.opening import DTYPES
 
     tok = tokenizer()
-    model = our_model(torch).to(DTYPES[dtype]).eval()
+    model = (our_model(torch) if model is None else model).to(DTYPES[dtype]).eval()
     prompt = [tok.bos_id] + tok.encode(PROMPT)
     settings = SamplingSettings(temperature=1.0, top_k=40, top_p=0.9, text_size=NEW_TOKENS)
     for warm in (True, False):
@@ -207,6 +248,68 @@ def gen_ours(dtype: str = "fp32", num_samples: int = 1) -> dict:
             streams[index].push(samples[index].ids[-1])
             produced += 1
     return {"tokens_per_s": produced / (time.perf_counter() - start), "peak_rss_gib": peak_rss_gib()}
+
+
+def gen_ours_lora() -> dict:
+    """Generation from an adapter checkpoint as generator.py opens it (the base found, checked, the adapters merged
+    once), on the same path as ``gen_ours``; the adapters are random, so the merge changes every projection."""
+    import torch
+
+    from kogpt2.model.lora import adapted_layers
+    from kogpt2.store.opening import open_model
+    from kogpt2.train.trainer import Trainer, TrainSettings
+
+    with tempfile.TemporaryDirectory() as folder:
+        model, origin = lora_model_and_origin(torch, Path(folder) / "base")
+        for layer in adapted_layers(model).values():
+            torch.nn.init.normal_(layer.lora_B, std=0.02)
+        tok = tokenizer()
+        path = Trainer(model, tok, packed_blocks(tok), None, TrainSettings(save_path=str(Path(folder) / "run")),
+                       origin=origin).save()
+        del model
+        started = time.perf_counter()
+        opened = open_model(str(path))
+        open_s = time.perf_counter() - started
+        return {**gen_ours("fp32", model=opened.model), "open_s": open_s, "checkpoint_mb": path.stat().st_size / 1e6}
+
+
+QUALITY_RUN = ("--max_len", "64", "--batch_size", "4", "--epoch", "4", "--eval_every", "10", "--seed", "1")
+
+
+def quality_lora() -> dict:
+    """Validation loss on the sample data after the same tokens, full fine-tuning (its default rate) against
+    --lora 8 (its own), both from one base: a small GPT-2 (scratch:small) first trained on other Korean text (the
+    chat samples' questions and answers), as no KoGPT2 weights are here. All through main.py."""
+    import io
+    from contextlib import redirect_stdout
+
+    import main
+
+    texts = []
+    for name in ("chat_sample.csv", "dialogue_sample.csv"):
+        with (REPO / "data" / name).open(encoding="utf-8") as f:
+            texts += [text for row in csv.DictReader(f) for text in (row["Q"], row["A"])]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        other = folder / "other.csv"
+        with other.open("w", encoding="utf-8", newline="") as f:
+            csv.writer(f).writerows([["sent"], *([t] for t in texts)])
+
+        def train(*argv: str) -> list[dict]:
+            save = folder / str(len(list(folder.iterdir())))
+            with redirect_stdout(io.StringIO()):
+                assert main.main([*argv, "--save_path", str(save)]) == 0
+            return [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+
+        train("--pretrained", "scratch:small", "--data_file_path", str(other), "--epoch", "15", "--max_len", "64",
+              "--val_ratio", "0", "--seed", "1")
+        base = str(next(folder.glob("*/KoGPT2_checkpoint_*.tar")))
+        runs = {name: train("--pretrained", base, "--data_file_path", str(SAMPLE), *QUALITY_RUN, *extra)
+                for name, extra in (("full", ()), ("lora8", ("--lora", str(BENCH_LORA))))}
+    curve = {name: [(m["step"], round(m["val_loss"], 4)) for m in metrics if "val_loss" in m]
+             for name, metrics in runs.items()}
+    return {"val_loss": curve, "tokens_per_step": BATCH * 64, "peak_rss_gib": peak_rss_gib(),
+            "run_tokens_per_s": {name: metrics[-1]["tokens_per_s"] for name, metrics in runs.items()}}
 
 
 # ---- data and start-up -------------------------------------------------------------------------------------------
@@ -242,11 +345,14 @@ CONTENDERS = {
     "train_ours_fp32": lambda: train_ours("fp32"),
     "train_ours_bf16": lambda: train_ours("bf16"),
     "train_ours_fp32_compile": lambda: train_ours("fp32", compiled=True),
+    "train_ours_lora8": lambda: train_ours("fp32", lora=True),
     "gen_2020": gen_2020,
     "gen_transformers": gen_transformers,
     "gen_ours_fp32": lambda: gen_ours("fp32"),
     "gen_ours_bf16": lambda: gen_ours("bf16"),
     "gen_ours_fp32_x8": lambda: gen_ours("fp32", 8),
+    "gen_ours_lora8": gen_ours_lora,
+    "quality_lora": quality_lora,
 }
 
 if __name__ == "__main__":

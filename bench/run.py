@@ -99,10 +99,12 @@ def main() -> int:
                                 f"{', '.join(cpu_bf16_instructions()) or 'none'}"}
     print("running contenders:", file=sys.stderr)
     results["train_2020"] = contender("train_2020")
-    results.update(best_of_rounds(("train_transformers", "train_ours_fp32", "train_ours_bf16")))
+    results.update(best_of_rounds(("train_transformers", "train_ours_fp32", "train_ours_bf16", "train_ours_lora8")))
     results["train_ours_fp32_compile"] = contender("train_ours_fp32_compile")  # is --compile worth it on a CPU?
     results["gen_2020"] = contender("gen_2020")
-    results.update(best_of_rounds(("gen_transformers", "gen_ours_fp32", "gen_ours_bf16", "gen_ours_fp32_x8")))
+    results.update(best_of_rounds(("gen_transformers", "gen_ours_fp32", "gen_ours_bf16", "gen_ours_fp32_x8",
+                                   "gen_ours_lora8")))
+    results["quality_lora"] = contender("quality_lora")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         csv_path = folder / "million.csv"
@@ -127,6 +129,11 @@ def main() -> int:
         ("generate bf16 vs transformers fp32", tps["gen_ours_bf16"] / tps["gen_transformers"], ">=", 1.6),
         ("8 samples vs 1 sample, tokens/s", tps["gen_ours_fp32_x8"] / tps["gen_ours_fp32"], ">=", 4.0),
         ("training peak RSS fp32 4x128 (GiB)", r["train_ours_fp32"]["peak_rss_gib"], "<=", 3.0),
+        ("train --lora 8 vs full fine-tuning fp32", tps["train_ours_lora8"] / tps["train_ours_fp32"], ">=", 1.4),
+        ("--lora 8 peak RSS / full fine-tuning's", r["train_ours_lora8"]["peak_rss_gib"]
+         / r["train_ours_fp32"]["peak_rss_gib"], "<=", 0.6),
+        ("--lora 8 resumable checkpoint (MB)", r["train_ours_lora8"]["checkpoint_mb"], "<=", 20),
+        ("generate from adapters (merged) vs full", tps["gen_ours_lora8"] / tps["gen_ours_fp32"], ">=", 0.9),
         ("resumable .tar (GiB)", r["train_ours_fp32"]["checkpoint_gib"], "<=", 1.45),
         ("generation-only file (MB)", r["train_ours_fp32"]["generation_file_mb"], "<=", 260),
         ("generation-only file loads in generator.py", float(r["train_ours_fp32"]["generation_file_loads"]), ">=", 1),
@@ -149,6 +156,11 @@ def main() -> int:
         ok = value >= goal if op == ">=" else value <= goal
         failed += not ok
         print(f"{label:<45}{value:>10.3f}  {op} {goal:<6}{'PASS' if ok else 'FAIL'}")
+    quality = r["quality_lora"]
+    print(f"\nvalidation loss on the sample data from one small base, after each {quality['tokens_per_step']} "
+          "tokens x step:")
+    for name, curve in quality["val_loss"].items():
+        print(f"  {name:<6}" + "  ".join(f"{step}: {loss:.3f}" for step, loss in curve))
     print(f"GPU: {results['gpu']}")
     results["checks"] = [dict(target=l, measured=v, op=o, goal=g, passed=(v >= g if o == ">=" else v <= g))
                          for l, v, o, g in checks]

@@ -8,6 +8,8 @@ import math
 import re
 from typing import NoReturn
 
+from .defaults import LORA_PROJECTIONS
+
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 FLAG = re.compile(r"^--?[^\W\d]")  # "--name" or "-n", not a negative number
 
@@ -53,6 +55,15 @@ def device(text: str) -> str:
     if not DEVICE.match(text):
         raise argparse.ArgumentTypeError(f"'{text}' is not a device: use auto, cpu, cuda, cuda:N or mps")
     return text
+
+
+def projections(text: str) -> tuple[str, ...]:
+    """``--lora_layers``: comma-separated names of a block's projections (``attn.c_attn,mlp.c_fc``)."""
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    unknown = [name for name in names if name not in LORA_PROJECTIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"'{text}': give some of {','.join(LORA_PROJECTIONS)}, comma-separated")
+    return names
 
 
 def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:

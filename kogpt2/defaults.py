@@ -49,6 +49,14 @@ API_KEY_ENV = "KOGPT2_API_KEY"  # --serve: where the key is read when --api_key 
 MAX_BODY_BYTES = 4 * 2**20  # --serve: a larger request body gets 413
 OPENAI_PENALTY = 2.0  # presence and frequency penalties lie in [-this, this]
 
+# --lora: adapters beside the attention and MLP projections of every block (the Hugging Face GPT-2 names, which PEFT's
+# target_modules match), scaled by alpha / rank; they learn at a higher rate than full fine-tuning's.
+LORA_PROJECTIONS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+LORA_TARGETS = LORA_PROJECTIONS
+LORA_ALPHA = 16.0
+LORA_DROPOUT = 0.0  # PEFT's default; on the CPU a dropout mask per adapter costs more than the adapter
+LORA_LR = 2e-4
+
 
 @dataclass(frozen=True)
 class SamplingSettings:

@@ -1,7 +1,8 @@
-"""Export a checkpoint for use elsewhere.
+"""Export a checkpoint for use elsewhere (an adapter checkpoint of a --lora run as its base with the adapters merged).
 
     python -m kogpt2.export checkpoint/KoGPT2_best.tar out.tar --half   # generation-only file (~250 MB at full size)
     python -m kogpt2.export checkpoint/KoGPT2_best.tar hf-model/ [--half] # Hugging Face folder for transformers
+    python -m kogpt2.export checkpoint/KoGPT2_best.tar adapter/ --adapter # a --lora run's adapters for PEFT
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from .generation.engine import never_generated
 from .model.gpt import GPTConfig
 from .store.checkpoint import (
     CheckpointRecord,
+    adapters_of,
     find_checkpoint,
     generation_payload,
     load_checkpoint,
@@ -31,6 +33,7 @@ from .store.checkpoint import (
     tokenizer_of,
     weights_of,
 )
+from .store.opening import standalone_payload
 from .store.scratch import is_scratch
 
 V1_VOCAB_SIZE = 50000
@@ -46,8 +49,6 @@ def export_hf_folder(payload: dict, record: CheckpointRecord, target: Path, half
     generating like generator.py: the tokenizer adds the same start token (none for a chat model, whose examples
     start with ``<usr>``), and generation suppresses the same ids with the same sampling defaults (a chat model's
     answers also end at the next ``<usr>``)."""
-    from safetensors.torch import save_file
-
     tokenizer = tokenizer_of(payload)
     config = GPTConfig.from_dict(record.config)
     slim = generation_payload(payload, torch.bfloat16 if half else torch.float32)
@@ -56,18 +57,9 @@ def export_hf_folder(payload: dict, record: CheckpointRecord, target: Path, half
     hf_config = {**config.to_hf(), **ids, "torch_dtype": "bfloat16" if half else "float32"}
     (target / "config.json").write_text(json.dumps(hf_config, indent=2), encoding="utf-8")
     weights = target / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in weights_of(slim).items()}, str(weights), metadata={"format": "pt"})
-    umask = os.umask(0)
-    os.umask(umask)
-    weights.chmod(0o666 & ~umask)  # safetensors writes it private; it is an ordinary file like the others
+    write_safetensors(weights_of(slim), weights)
     chat = record.chat
-    (target / "tokenizer.json").write_bytes(tokenizer_json(tokenizer, text_model=not chat))
-    names = {name: tokenizer.id_to_piece(i) for name, i in
-             (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id), ("pad_token", tokenizer.pad_id),
-              ("unk_token", tokenizer.unk_id))}
-    (target / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.n_positions,
-         "clean_up_tokenization_spaces": False, **names}, ensure_ascii=False, indent=2), encoding="utf-8")
+    write_tokenizer_files(tokenizer, config, chat, target)
     sampling = CHAT_SAMPLING if chat else SAMPLING
     ends = {"eos_token_id": [tokenizer.eos_id, ChatFormat(tokenizer).usr_id]} if chat else {}
     (target / "generation_config.json").write_text(json.dumps(
@@ -76,6 +68,53 @@ def export_hf_folder(payload: dict, record: CheckpointRecord, target: Path, half
          "max_new_tokens": sampling.text_size, "suppress_tokens": never_generated(tokenizer)}, indent=2),
         encoding="utf-8")
     (target / "README.md").write_text(model_card(record, tokenizer), encoding="utf-8")
+
+
+def write_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)  # safetensors writes it private; it is an ordinary file like the others
+
+
+def write_tokenizer_files(tokenizer, config: GPTConfig, chat: bool, target: Path) -> None:
+    """tokenizer.json and tokenizer_config.json, for ``AutoTokenizer.from_pretrained(target)``."""
+    (target / "tokenizer.json").write_bytes(tokenizer_json(tokenizer, text_model=not chat))
+    names = {name: tokenizer.id_to_piece(i) for name, i in
+             (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id), ("pad_token", tokenizer.pad_id),
+              ("unk_token", tokenizer.unk_id))}
+    (target / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.n_positions,
+         "clean_up_tokenization_spaces": False, **names}, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+PEFT_PREFIX = "base_model.model."  # PeftModel's name for the wrapped GPT2LMHeadModel
+
+
+def export_peft_folder(payload: dict, record: CheckpointRecord, target: Path, half: bool) -> str | None:
+    """A --lora run's adapters as PEFT writes them (adapter_config.json, adapter_model.safetensors) with the tokenizer
+    files, for ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), target)``. Our A [rank, in]
+    and B [out, rank] are PEFT's ``lora_A.weight`` and ``lora_B.weight`` for GPT-2's Conv1D (fan_in_fan_out) as they
+    are. Returns what to say when the base is not a folder or hub id that transformers opens."""
+    if record.lora is None:
+        raise KoGPT2Error(f"{record.path} holds a whole model, not LoRA adapters (trained with --lora): export it "
+                          "without --adapter")
+    lora, base = record.lora, record.base
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base.source, "r": lora.rank,
+         "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "target_modules": list(lora.targets),
+         "fan_in_fan_out": True, "bias": "none", "inference_mode": True}, indent=2), encoding="utf-8")
+    dtype = torch.bfloat16 if half else torch.float32
+    write_safetensors({f"{PEFT_PREFIX}{name}.weight": tensor.to(dtype) for name, tensor in adapters_of(payload).items()},
+                      target / "adapter_model.safetensors")
+    write_tokenizer_files(tokenizer_of(payload), GPTConfig.from_dict(record.config), record.chat, target)
+    if base.kind != "hub" and not (Path(base.source) / "config.json").is_file():
+        return (f"note: the base {base.source} is not a Hugging Face folder: export it too (python -m kogpt2.export "
+                f"{base.source} BASE_FOLDER) and load the adapters onto that folder")
+    return None
 
 
 def tokenizer_json(tokenizer, text_model: bool) -> bytes:
@@ -248,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="OUT.tar: 생성 전용 파일; 그 밖의 경로: Hugging Face 폴더 / OUT.tar: generation-only "
                                     "file; any other path: Hugging Face folder")
     parser.add_argument("--half", action="store_true", help="bf16 가중치 (크기 절반) / bf16 weights (half the size)")
+    parser.add_argument("--adapter", action="store_true",
+                        help="--lora 체크포인트의 어댑터만 PEFT 폴더로 / a --lora checkpoint's adapters alone, as a PEFT "
+                             "folder (adapter_config.json, adapter_model.safetensors) for its base")
     args = parser.parse_args(argv)
 
     def work() -> int:
@@ -259,11 +301,16 @@ def main(argv: list[str] | None = None) -> int:
         if not record.ours:
             raise KoGPT2Error(f"{args.checkpoint} is a 2020-format checkpoint; train one step from it with main.py first")
         target = Path(args.out)
-        if target.suffix == ".tar":
-            export_generation_file(payload, target, args.half)
+        note = None
+        if args.adapter:
+            note = export_peft_folder(payload, record, target, args.half)
+        elif target.suffix == ".tar":
+            export_generation_file(standalone_payload(payload, record), target, args.half)
         else:
-            export_hf_folder(payload, record, target, args.half)
+            export_hf_folder(standalone_payload(payload, record), record, target, args.half)
         print(f"written: {args.out}")
+        if note:
+            print(note)
         return 0
 
     return report_errors(work)

@@ -14,9 +14,10 @@ import torch
 from .corpus.packing import ChatCorpus, TextCorpus, open_corpus
 from .corpus.reading import CsvFile
 from .corpus.tokenizer import Tokenizer
-from .defaults import FINETUNE_LR, MAX_LEN, SCRATCH_LR
+from .defaults import FINETUNE_LR, LORA_LR, MAX_LEN, SCRATCH_LR
 from .errors import KoGPT2Error
 from .model.gpt import GPT
+from .model.lora import LoraSettings, add_adapters
 from .plot import plot_metrics
 from .runtime import (
     cpu_bf16_instructions,
@@ -26,8 +27,16 @@ from .runtime import (
     pick_precision,
     use_compile,
 )
-from .store.checkpoint import BEST_NAME, RunOrigin, find_checkpoint, new_run, regular_checkpoints, run_of_file
-from .store.opening import OpenedModel, open_checkpoint, open_model
+from .store.checkpoint import (
+    BEST_NAME,
+    BaseModel,
+    RunOrigin,
+    find_checkpoint,
+    new_run,
+    regular_checkpoints,
+    run_of_file,
+)
+from .store.opening import OpenedModel, base_reference, open_checkpoint, open_model
 from .store.pretrained import ReleaseUnavailable
 from .store.scratch import is_scratch, scratch_model
 from .train.distributed import World, join, leave
@@ -38,7 +47,8 @@ from .train.trainer import Trainer, TrainSettings
 # Settings a resume takes from the checkpoint unless given again: with them the run continues exactly.
 RESUMED_SETTINGS = ("max_len", "batch_size", "grad_accum", "lr", "warmup", "dropout", "val_ratio", "val_file", "seed",
                     "column", "chat", "question_column", "answer_column", "dialogue_column", "eval_every",
-                    "save_every", "keep_last", "patience", "precision", "deterministic")
+                    "save_every", "keep_last", "patience", "precision", "deterministic", "lora", "lora_alpha",
+                    "lora_dropout", "lora_layers")
 
 
 def plural(count: int, word: str) -> str:
@@ -90,7 +100,7 @@ def _start(args: argparse.Namespace, say) -> OpenedModel | None:
     if not path.exists():
         say(f"{path} does not exist yet: starting from {args.pretrained}")
         return None
-    opened = open_checkpoint(path, args.pretrained)
+    opened = open_checkpoint(path, args.pretrained, merge=False)  # a LoRA run's adapters stay beside its base
     if opened.record.ours and not opened.record.resumable:
         raise KoGPT2Error(f"{path} holds a model but no training state (a file written by kogpt2.export), so a run "
                           f"cannot resume from it; start a new run from its weights: --pretrained {path}")
@@ -117,8 +127,10 @@ def refuse_another_run(save_path: str, run: str, load_path: str | None) -> None:
 
 
 def as_flag(name: str, value) -> str:
-    """A setting as it is typed on a command line: ``--max_len 64``, a switch alone (``--chat``)."""
-    return f"--{name}" if value is True else f"--{name} {shlex.quote(str(value))}"
+    """A setting as it is typed on a command line: ``--max_len 64``, a switch alone (``--chat``), a list with commas."""
+    if value is True:
+        return f"--{name}"
+    return f"--{name} {shlex.quote(','.join(value) if isinstance(value, (tuple, list)) else str(value))}"
 
 
 def take_checkpoint_settings(args: argparse.Namespace, recorded: dict, given: set[str], say) -> None:
@@ -164,8 +176,10 @@ def _run(args: argparse.Namespace, world: World, device_name: str) -> int:
     torch.manual_seed(run.seed)  # a fresh model's initial weights, dropout: all follow --seed
     corpus = corpus_of(train_csv, run)
     model, tokenizer = _starting_model(run, resume, corpus, say)
+    base = _frozen_base(run, resume, model)
     train_data, val_data = _packed(run, model, tokenizer, corpus, corpus_of(val_csv, run) if val_csv else None)
-    trainer = _trainer(run, world, device, model, tokenizer, train_data, val_data, train_csv.sha256, corpus, run_id, say)
+    trainer = _trainer(run, world, device, model, tokenizer, train_data, val_data, train_csv.sha256, corpus, run_id,
+                       base, say)
     if resume is not None and resume.record.ours:
         trainer.restore(resume.record.training, resume.record.path)
     _describe(run, world, device, trainer, train_csv, corpus, train_data, val_data, say)
@@ -189,8 +203,33 @@ def settings_of_run(args: argparse.Namespace, resume: OpenedModel | None, say) -
         run.pretrained = resume.record.pretrained or run.pretrained
         take_checkpoint_settings(run, resume.record.args, getattr(args, "given", set()), say)
     if run.lr is None:
-        run.lr = SCRATCH_LR if is_scratch(run.pretrained) else FINETUNE_LR
+        run.lr = LORA_LR if run.lora else SCRATCH_LR if is_scratch(run.pretrained) else FINETUNE_LR
+    if resume is not None and resume.record.ours and lora_settings(run) != resume.record.lora:
+        adapters = f"adapters of rank {resume.record.lora.rank}" if resume.record.lora else "no adapters (every weight trains)"
+        raise KoGPT2Error(f"{resume.source} has {adapters}, and a resume keeps them: drop the --lora flags, or start "
+                          f"a new run from its weights: --pretrained {resume.source}")
+    if run.lora and is_scratch(run.pretrained):
+        raise KoGPT2Error(f"--lora trains adapters beside a pretrained model's frozen weights, and --pretrained "
+                          f"{run.pretrained} has none to keep: drop --lora (every weight of a new model trains)")
     return run
+
+
+def lora_settings(run: argparse.Namespace) -> LoraSettings | None:
+    """The run's adapters (``--lora`` and its flags); None: full fine-tuning."""
+    return LoraSettings(run.lora, run.lora_alpha, run.lora_dropout, tuple(run.lora_layers)) if run.lora else None
+
+
+def _frozen_base(run: argparse.Namespace, resume: OpenedModel | None, model: GPT) -> BaseModel | None:
+    """Where a LoRA run's frozen base is and its checksum, which every checkpoint of the run keeps; a new run's fresh
+    adapters are put beside it here (a resume's model has its own already). None: full fine-tuning."""
+    if resume is not None and resume.record.ours:
+        return resume.record.base
+    settings = lora_settings(run)
+    if settings is None:
+        return None
+    base = base_reference(resume.source if resume is not None else run.pretrained, model)
+    add_adapters(model, settings)
+    return base
 
 
 def _starting_model(run: argparse.Namespace, resume: OpenedModel | None, corpus, say) -> tuple[GPT, Tokenizer]:
@@ -228,7 +267,7 @@ def _packed(run: argparse.Namespace, model: GPT, tokenizer: Tokenizer, corpus, v
 
 
 def _trainer(run: argparse.Namespace, world: World, device: torch.device, model: GPT, tokenizer: Tokenizer,
-             train_data, val_data, data_sha256: str, corpus, run_id: str, say) -> Trainer:
+             train_data, val_data, data_sha256: str, corpus, run_id: str, base: BaseModel | None, say) -> Trainer:
     # recorded as resolved, so a resume (of any --epoch) goes on with the same steps, not a longer run's 5%
     run.warmup = warmup_steps(run.warmup, run.epoch * steps_per_epoch(len(train_data.blocks),
                                                                       run.batch_size * world.size, run.grad_accum))
@@ -240,7 +279,7 @@ def _trainer(run: argparse.Namespace, world: World, device: torch.device, model:
         compile=use_compile(run.compile, device), grad_checkpoint=run.grad_checkpoint)
     recorded_args = {k: v for k, v in vars(run).items() if k != "given"}
     origin = RunOrigin(run.data_file_path, data_sha256, corpus.column, run.pretrained, recorded_args,
-                       "chat" if run.chat else "text", run_id, corpus.turns)
+                       "chat" if run.chat else "text", run_id, corpus.turns, lora_settings(run), base)
     return Trainer(model.to(device), tokenizer, train_data, val_data, settings, origin, log=say, world=world)
 
 
@@ -261,6 +300,11 @@ def _describe(run: argparse.Namespace, world: World, device: torch.device, train
     if bf16_instructions:
         say(f"tip: this CPU has bf16 instructions ({', '.join(bf16_instructions)}): --precision bf16 trains about "
             "1.8x faster on such CPUs with the same loss (bench/README.md)")
+    if run.lora:
+        trained = sum(p.numel() for p in trainer.trained)
+        say(f"LoRA: rank {run.lora} (alpha {run.lora_alpha:g}, dropout {run.lora_dropout:g}) on "
+            f"{','.join(run.lora_layers)}: {trained / 1e6:.2f}M trained parameters of "
+            f"{trainer.model.num_parameters() / 1e6:.1f}M, the base frozen")
     extras = "".join(f", {name}" for name, on in (("compiled", settings.compile),
                                                   ("gradient checkpointing", settings.grad_checkpoint)) if on)
     say(f"training: {plural(settings.epochs, 'epoch')} x {plural(trainer.steps_per_epoch, 'step')} (batch "

@@ -156,6 +156,22 @@ def dialogue_chatbot(tmp_path_factory) -> Path:
     return folder
 
 
+def ctrl_c_at_step(monkeypatch, step: int) -> None:
+    """Training as usual, but a Ctrl-C (SIGINT) arrives during step ``step``: the run saves after it and stops."""
+    import signal
+
+    from kogpt2.train.trainer import Trainer
+
+    original = Trainer._step
+
+    def stepping(self, *args):
+        if self.progress.step == step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, "_step", stepping)
+
+
 def slowed_main(step_delay: float, slow_saves: bool = False) -> str:
     """Code for ``python -c`` that runs main.py with every step (and optionally every checkpoint write) slowed,
     so a real process can be killed or interrupted in the middle of either."""

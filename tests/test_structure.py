@@ -128,14 +128,22 @@ def test_the_architecture_notes_list_exactly_the_modules_there_are():
     assert listed == files
 
 
-def test_the_architecture_notes_list_exactly_the_keys_a_checkpoint_holds(trained):
+LORA_ONLY = {"adapters", "lora", "base"}  # a --lora run's checkpoints hold these instead of model_state_dict
+
+
+def test_the_architecture_notes_list_exactly_the_keys_a_checkpoint_holds(trained, tmp_path):
     import torch
+    from conftest import SAMPLE_CSV, run_main
 
     table = architecture().split("## The `.tar` checkpoint", 1)[1]
     listed = set(re.findall(r"^\| `(\w+)` \|", table, flags=re.M))
     written = set(torch.load(sorted(trained.glob("KoGPT2_checkpoint_*.tar"))[-1], weights_only=True))
     optional = {"scaler"}  # fp16 runs only; the table says so
-    assert written <= listed and listed - written <= optional
+    assert written <= listed and listed - written == optional | LORA_ONLY
+    assert run_main("--epoch", 1, "--pretrained", trained / "KoGPT2_best.tar", "--lora", 2, "--data_file_path",
+                    SAMPLE_CSV, "--max_len", 64, "--save_path", tmp_path) == 0
+    adapters = set(torch.load(next(tmp_path.glob("KoGPT2_checkpoint_*.tar")), weights_only=True))
+    assert adapters == written - {"model_state_dict"} | LORA_ONLY
 
 
 def is_literal(node: ast.expr) -> bool:

@@ -11,7 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, SAMPLE_CSV, TINY_TRAINING, TRAINED_EPOCHS, run_generator, run_main, slowed_main
+from conftest import (
+    REPO,
+    SAMPLE_CSV,
+    TINY_TRAINING,
+    TRAINED_EPOCHS,
+    ctrl_c_at_step,
+    run_generator,
+    run_main,
+    slowed_main,
+)
 
 from kogpt2.corpus.reading import CsvColumn
 from kogpt2.store.checkpoint import load_checkpoint
@@ -199,19 +208,10 @@ def test_tensorboard_flag_logs_or_says_how_to_install(tmp_path, capsys):
 def test_interrupted_scratch_run_resumed_without_its_flags_equals_one_run(tmp_path, monkeypatch, capsys):
     """The resume names no model, rate or size: every setting whose default follows the model (a scratch model's
     learning rate, its resolved warmup, --max_len) comes from the checkpoint, so the run goes on exactly."""
-    from kogpt2.train.trainer import Trainer
-
     args = ("--epoch", 2, "--data_file_path", SAMPLE_CSV)
     assert run_main(*args, *TINY_TRAINING, "--save_path", tmp_path / "straight") == 0
 
-    step = Trainer._step
-
-    def ctrl_c_at_step_13(self, *step_args):
-        if self.progress.step == 13:
-            os.kill(os.getpid(), signal.SIGINT)
-        return step(self, *step_args)
-
-    monkeypatch.setattr(Trainer, "_step", ctrl_c_at_step_13)
+    ctrl_c_at_step(monkeypatch, 13)
     assert run_main(*args, *TINY_TRAINING, "--save_path", tmp_path / "cut") == 0
     monkeypatch.undo()
     assert final_state(tmp_path / "cut")["progress"]["step"] == 14  # really stopped mid-run

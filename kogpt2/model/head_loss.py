@@ -23,12 +23,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         need_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        # A frozen head (LoRA) gets no gradient: no [vocab, C] matmul, no .grad in the kept buffer, and no whole
+        # d(loss)/d(logits) either: each chunk's turns into its rows of d(loss)/d(hidden) at once.
+        ctx.weight_grad = ctx.needs_input_grad[1]
         chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
         with torch.autocast(device, enabled=False):
             h, w = hidden.to(dtype), weight.to(dtype)
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             # d(loss)/d(logits), kept in the matmul dtype: half the size of fp32 logits under bf16
-            grad_logits = torch.empty(len(targets), w.shape[0], dtype=dtype, device=hidden.device) if need_grads else None
+            grad_logits = torch.empty(len(targets), w.shape[0], dtype=dtype, device=hidden.device) \
+                if ctx.weight_grad else None
+            grad_hidden = torch.empty(len(targets), w.shape[1], dtype=dtype, device=hidden.device) \
+                if need_grads and not ctx.weight_grad else None
             for start in range(0, len(targets), chunk):
                 t = targets[start:start + chunk]
                 logits = (h[start:start + chunk] @ w.t()).float()
@@ -39,13 +45,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if need_grads:
                     softmax = torch.exp(logits.sub_(log_z[:, None]))
                     softmax[rows, t.clamp(min=0)] -= 1
-                    grad_logits[start:start + chunk] = softmax.mul_(valid[:, None])
-            ctx.in_place = need_grads and tied is not None and tied.usable_in_place(dtype)
+                    softmax.mul_(valid[:, None])
+                    if grad_logits is not None:
+                        grad_logits[start:start + chunk] = softmax
+                    else:
+                        torch.mm(softmax.to(dtype), w, out=grad_hidden[start:start + chunk])
+            ctx.in_place = ctx.weight_grad and tied is not None and tied.usable_in_place(dtype)
             if ctx.in_place:  # the weight's gradient is added to its .grad in backward (see tied_grad.py)
                 ctx.tied = tied
                 ctx.save_for_backward((grad_logits @ w).to(hidden.dtype), grad_logits, h)
-            elif need_grads:  # two large matmuls, as fast as the plain head's backward
+            elif ctx.weight_grad:  # two large matmuls, as fast as the plain head's backward
                 ctx.save_for_backward((grad_logits @ w).to(hidden.dtype), (grad_logits.t() @ h).to(weight.dtype))
+            elif need_grads:
+                ctx.save_for_backward(grad_hidden.to(hidden.dtype))
         return total
 
     @staticmethod
@@ -53,6 +65,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.in_place:
             grad_hidden, grad_logits, h = ctx.saved_tensors
             ctx.tied.accumulator().addmm_(grad_logits.t(), h, alpha=grad_total.item())
+            return grad_hidden.mul_(grad_total), None, None, None
+        if not ctx.weight_grad:
+            (grad_hidden,) = ctx.saved_tensors
             return grad_hidden.mul_(grad_total), None, None, None
         grad_hidden, grad_weight = ctx.saved_tensors  # formed for this one backward: scale them in place
         return grad_hidden.mul_(grad_total), grad_weight.mul_(grad_total), None, None

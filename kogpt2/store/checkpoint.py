@@ -4,7 +4,8 @@
 Keys (docs/ARCHITECTURE.md lists them with their types): ``model_state_dict``, ``optimizer_state_dict``, ``epoch``,
 ``train_no`` and ``loss`` as in 2020 checkpoints; ``format_version``, ``config``, ``tokenizer``, ``progress``,
 ``schedule``, ``settings``, ``rng``, ``scaler``, ``data_fingerprint``, ``data``, ``pretrained``, ``mode``,
-``chat_turns``, ``args`` and ``run`` are ours."""
+``chat_turns``, ``args`` and ``run`` are ours. A LoRA run's checkpoints hold ``adapters``, ``lora`` and ``base`` (how to
+find its frozen base again) instead of ``model_state_dict``."""
 from __future__ import annotations
 
 import os
@@ -23,6 +24,9 @@ from ..corpus.reading import CsvFile
 from ..corpus.tokenizer import Tokenizer, tokenizer_from_bytes
 from ..defaults import DATA_FORMAT, TXT_UNIT
 from ..errors import KeptWriteErrors, KoGPT2Error, write_error, writing
+from ..model.gpt import GPT
+from ..model.hf_layout import hf_state_dict
+from ..model.lora import LoraSettings, adapter_state
 
 FORMAT_VERSION = 1
 NAME = re.compile(r"^KoGPT2_checkpoint_(\d+)\.tar$")
@@ -153,7 +157,7 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     verify_archive(path)
     payload = load_tensors_only(path, "checkpoint")
-    if not isinstance(payload, dict) or "model_state_dict" not in payload:
+    if not isinstance(payload, dict) or not {"model_state_dict", "adapters"} & set(payload):
         raise KoGPT2Error(f"{path} is not a KoGPT2 checkpoint (no model_state_dict)")
     if payload.get("format_version", 0) > FORMAT_VERSION:
         raise KoGPT2Error(f"{path} was written by a newer kogpt2-finetune (format {payload['format_version']}); update")
@@ -185,6 +189,19 @@ class TrainingState:
 
 
 @dataclass(frozen=True)
+class BaseModel:
+    """Where a LoRA run's frozen base is (a hub id, or the absolute path of a folder or a model file) and the
+    checksum of its weights as loaded: the adapters fit those weights and no others."""
+
+    source: str
+    kind: str  # "hub", "folder" or "file"
+    sha256: str
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "kind": self.kind, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
 class CheckpointRecord:
     """What readers need to know about a checkpoint, so none of them reads its keys by name."""
 
@@ -202,6 +219,8 @@ class CheckpointRecord:
     run: str | None  # the training run it belongs to (kept by a resume); None: a 2020 checkpoint
     args: dict = field(default_factory=dict)
     chat_turns: int = 1  # the most question/answer turns in one training example (more than 1: dialogues)
+    lora: LoraSettings | None = None  # a LoRA run's: the file holds adapters, and ``base`` says where their base is
+    base: BaseModel | None = None
 
     @property
     def resumable(self) -> bool:
@@ -226,12 +245,34 @@ def read_record(payload: dict, path: str | Path) -> CheckpointRecord:
         step=int(progress.get("step", payload.get("train_no", 0))), epoch=int(progress.get("epoch", payload.get("epoch", 0))),
         mode=payload.get("mode", "text"), data_path=data.get("path"), data_sha256=data.get("sha256"),
         column=data.get("column"), pretrained=payload.get("pretrained"), run=run_of(payload),
-        args=dict(payload.get("args", {})), chat_turns=int(payload.get("chat_turns", 1)))
+        args=dict(payload.get("args", {})), chat_turns=int(payload.get("chat_turns", 1)),
+        lora=LoraSettings.from_dict(payload["lora"]) if "lora" in payload else None,
+        base=BaseModel(**payload["base"]) if "base" in payload else None)
 
 
 def weights_of(payload: dict) -> dict[str, torch.Tensor]:
-    """The model's weights, in the ``GPT2LMHeadModel`` layout."""
+    """The model's weights, in the ``GPT2LMHeadModel`` layout (a LoRA checkpoint has none: see ``adapters_of``)."""
     return payload["model_state_dict"]
+
+
+def adapters_of(payload: dict) -> dict[str, torch.Tensor]:
+    """A LoRA checkpoint's adapters, as ``model/lora.py``'s ``adapter_state`` names them."""
+    return payload["adapters"]
+
+
+def model_keys(model: GPT, origin: RunOrigin) -> dict:
+    """The model as a checkpoint holds it: a LoRA run's adapters, their settings and its base (no base weight: the
+    base is found again), else every weight."""
+    if origin.lora is None:
+        return {"model_state_dict": hf_state_dict(model)}
+    return {"adapters": adapter_state(model), "lora": origin.lora.to_dict(), "base": origin.base.to_dict()}
+
+
+def with_weights(payload: dict, state: dict[str, torch.Tensor]) -> dict:
+    """A checkpoint's payload holding ``state`` as its whole model (an adapter checkpoint merged into its base), with
+    no adapters and nothing to resume."""
+    dropped = {"adapters", "lora", "base", "optimizer_state_dict", "rng", "scaler"}
+    return {**{k: v for k, v in payload.items() if k not in dropped}, "model_state_dict": state}
 
 
 def new_run() -> str:
@@ -266,6 +307,8 @@ class RunOrigin:
     mode: str  # "text" or "chat"
     run: str
     chat_turns: int = 1
+    lora: LoraSettings | None = None  # a LoRA run's adapters, beside its frozen base
+    base: BaseModel | None = None
 
     def keys(self) -> dict:
         return {"data": {"path": str(self.data_path), "sha256": self.data_sha256, "column": self.column},
@@ -273,16 +316,17 @@ class RunOrigin:
                 "args": {k: v for k, v in self.args.items() if v is not None}, "run": self.run}
 
 
-def training_payload(*, model_state: dict, optimizer_state: dict, config: dict, tokenizer: Tokenizer, progress: dict,
+def training_payload(*, model: GPT, optimizer_state: dict, tokenizer: Tokenizer, progress: dict,
                      schedule: dict, settings: dict, rng: dict, scaler: dict | None, data_fingerprint: str,
                      origin: RunOrigin) -> dict:
-    """A resumable checkpoint: everything that continues the run exactly, and the model with its tokenizer."""
+    """A resumable checkpoint: everything that continues the run exactly, and the model (or a LoRA run's adapters)
+    with its tokenizer."""
     return {
         "format_version": FORMAT_VERSION,
         "epoch": progress["epoch"], "train_no": progress["step"], "loss": progress["loss"],  # the 2020 names
-        "model_state_dict": model_state,
+        **model_keys(model, origin),
         "optimizer_state_dict": optimizer_state,
-        "config": config,
+        "config": model.config.to_dict(),
         "tokenizer": tokenizer_record(tokenizer),
         "progress": progress,
         "schedule": schedule,

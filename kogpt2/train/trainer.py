@@ -32,7 +32,6 @@ from ..errors import KoGPT2Error
 from ..generation.engine import fixed_sample
 from ..model.gpt import GPT
 from ..model.head_loss import IGNORE_INDEX
-from ..model.hf_layout import hf_state_dict
 from ..runtime import sum_dtype
 from ..store.checkpoint import (
     BEST_NAME,
@@ -114,7 +113,9 @@ class Trainer:
         model.plain_autograd = settings.compile
         self.forward_model = torch.compile(self.eager_model, dynamic=False) if settings.compile else self.eager_model
         self.compile_checked = not settings.compile
-        self.optimizer = make_optimizer(list(model.parameters()), settings.lr, settings.weight_decay)
+        # A LoRA run's frozen base is no part of the optimizer: no moments, no update, no gradient to clip.
+        self.trained = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.trained, settings.lr, settings.weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=settings.precision == "fp16")
         self.progress = Progress()
         self.save_path = Path(settings.save_path)
@@ -139,8 +140,8 @@ class Trainer:
 
     def state(self, rng_per_rank: list[dict]) -> dict:
         return training_payload(
-            model_state=hf_state_dict(self.model), optimizer_state=self.optimizer.state_dict(),
-            config=self.model.config.to_dict(), tokenizer=self.tokenizer, progress=asdict(self.progress),
+            model=self.model, optimizer_state=self.optimizer.state_dict(), tokenizer=self.tokenizer,
+            progress=asdict(self.progress),
             schedule={"total_steps": self.total_steps,
                       "lr": self.learning_rate(self.progress.step)},
             settings=asdict(self.settings), rng={**rng_per_rank[0], "per_rank": rng_per_rank},
@@ -332,7 +333,7 @@ class Trainer:
                 self.scaler.scale(loss * (world.size / total_tokens)).backward()
             loss_sum += loss.detach()
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), settings.clip)
+        torch.nn.utils.clip_grad_norm_(self.trained, settings.clip)
         self.scaler.step(self.optimizer)  # skipped under fp16 when the gradients overflowed
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
