@@ -92,6 +92,7 @@ def test_the_same_for_v2_whose_start_token_is_its_end_token(v2_release, tmp_path
     perplexity_is_kogpt2_evaluate(tmp_path / "run", tmp_path / "hf", tmp_path, capsys)
 
 
+@pytest.mark.slow
 def test_lm_eval_on_the_server_gives_the_folders_loglikelihoods(trained, exported):
     from test_server import Server
 
