@@ -105,9 +105,7 @@ def _scores(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[tuple[
 
 def prompt_scores(logits: torch.Tensor, prompt_ids: list[int], top: int) -> list[TokenScore]:
     """The prompt's tokens scored by the logits [prompt, vocab] of the positions before them (the first: None)."""
-    if len(prompt_ids) < 2:
-        return [TokenScore(0, prompt_ids[0], None)]
-    following = torch.tensor(prompt_ids[1:], device=logits.device)
+    following = torch.tensor(prompt_ids[1:], dtype=torch.long, device=logits.device)
     scored = _scores(logits[:-1], following, top)
     return [TokenScore(0, prompt_ids[0], None)] + [TokenScore(0, token, value, alternatives) for token, (
         value, alternatives) in zip(prompt_ids[1:], scored)]
@@ -138,16 +136,16 @@ class Batcher:
         graph; else step the running rows only."""
         model = sampler.model
         self.sampler, self.model, self.max_batch = sampler, model, max_batch
-        self.window = model.config.n_positions
-        self.cache = model.kv_cache(max_batch, self.window)
+        self.cache = model.kv_cache(max_batch, model.config.n_positions)
         static = sampler.device.type == "cuda" if static is None else static
         self.graph = GraphStep(model, self.cache) if static else None
         self.waiting: deque[Request] = deque()  # the first stays until rows are free for it
         self.max_waiting = max_waiting
         self.arrived = threading.Condition()
         self.running: list[Running] = []
-        self.rows = 0  # the batch's rows in use: the first ones
-        self.positions = torch.zeros(max_batch, dtype=torch.long, device=sampler.device)  # each row's next slot
+        # each row's next slot, for the rows in use (the first ones); kept on the host, so moving a row or sizing a
+        # step's cache never waits for the device
+        self.positions: list[int] = []
         self.steps = 0
         self.closing = False
         self.thread = threading.Thread(target=self._work, name="kogpt2-model", daemon=True)
@@ -161,6 +159,10 @@ class Batcher:
             self.waiting.append(request)
             self.arrived.notify()
         return True
+
+    @property
+    def rows(self) -> int:
+        return len(self.positions)
 
     @property
     def load(self) -> dict:
@@ -182,7 +184,7 @@ class Batcher:
             except Exception as error:  # a failed step fails the requests in it, never the server
                 for running in self.running:
                     _fail(running.request, error)
-                self.running, self.rows = [], 0
+                self.running, self.positions = [], []
 
     @torch.no_grad()
     def _admit(self) -> None:
@@ -208,15 +210,15 @@ class Batcher:
             self._start(joining)
 
     def _start(self, joining: list[Request]) -> None:
-        """Prefill the prompts (those scored whole one by one, the others as one padded batch) and let them join;
-        a failure fails the requests not yet joined, and the running ones go on."""
+        """Prefill the prompts (each one scored whole alone, the others as one padded batch) and let them join; a
+        failure fails the requests not yet joined, and the running ones go on."""
         scored = [r for r in joining if r.echo and r.logprobs is not None]
-        plain = [r for r in joining if not (r.echo and r.logprobs is not None)]
+        plain = [r for r in joining if r not in scored]
         pending = list(joining)
         try:
-            started = [(request, *self._score(request)) for request in scored]
+            started = [started for request in scored for started in self._prefill([request], scored=True)]
             if plain:
-                started += zip(plain, *self._prefill(plain))
+                started += self._prefill(plain)
             for request, last, cache, row in started:
                 if request.settings is not None:
                     self._join(request, last, cache, row)
@@ -227,37 +229,33 @@ class Batcher:
             for request in pending:
                 _fail(request, error)
 
-    def _score(self, request: Request) -> tuple[torch.Tensor, KVCache, int]:
-        """Prefill one prompt with the logits of every position, to emit its tokens' scores."""
-        prompt = request.prompt_ids
-        cache = self.model.kv_cache(1, len(prompt))
-        ids = torch.tensor([prompt], device=self.sampler.device)
-        every = torch.arange(len(prompt), device=ids.device)
-        logits = DecodingStep(self.model, 1)(ids, every, cache, every.view(1, -1))[0]  # [prompt, vocab]
-        request.emit(prompt_scores(logits, prompt, request.logprobs))
-        return logits[-1:], cache, 0
-
-    def _prefill(self, requests: list[Request]) -> tuple[list[torch.Tensor], list[KVCache], list[int]]:
+    def _prefill(self, requests: list[Request], scored: bool = False) -> list[tuple[Request, torch.Tensor, KVCache,
+                                                                                   int]]:
         """One forward over the prompts, right-padded to the longest (a padded slot is past its row's last real
-        token, so no real token attends to it, and decoding overwrites it): each one's last logits [1, vocab]."""
+        token, so no real token attends to it, and decoding overwrites it): each request with its last logits
+        [1, vocab] and the cache row holding its prompt. ``scored`` (one request): every position's logits, to emit
+        the prompt's scores."""
         lengths = [len(r.prompt_ids) for r in requests]
         width, device = max(lengths), self.sampler.device
         ids = torch.tensor([r.prompt_ids + [0] * (width - len(r.prompt_ids)) for r in requests], device=device)
         cache = self.model.kv_cache(len(requests), width)
-        last = torch.tensor(lengths, device=device) - 1
-        logits = DecodingStep(self.model, len(requests))(ids, torch.arange(width, device=device), cache, last)
-        return list(logits.split(1)), [cache] * len(requests), list(range(len(requests)))
+        every = torch.arange(width, device=device)
+        last = every.view(1, -1) if scored else torch.tensor(lengths, device=device) - 1
+        logits = DecodingStep(self.model, len(requests))(ids, every, cache, last)  # [requests, (width,) vocab]
+        if scored:
+            requests[0].emit(prompt_scores(logits[0], requests[0].prompt_ids, requests[0].logprobs))
+            logits = logits[:, -1]
+        return [(request, logits[row:row + 1], cache, row) for row, request in enumerate(requests)]
 
     def _join(self, request: Request, last: torch.Tensor, prefilled: KVCache, prefilled_row: int) -> None:
         prompt, settings = request.prompt_ids, request.settings
         for row in range(self.rows, self.rows + request.n):
             self.cache.copy_row(prefilled_row, row, len(prompt), prefilled)
+        self.positions += [len(prompt)] * request.n
         draws = Draws(prompt, request.n, settings, self.sampler.generator(request.seed), self.sampler.suppress,
                       self.sampler.device, request.logit_bias)
         self.running.append(Running(request, draws, self.sampler.sample_texts(prompt, settings, request.n),
                                     last.expand(request.n, -1)))
-        self.positions[self.rows:self.rows + request.n] = len(prompt)
-        self.rows += request.n
 
     @torch.no_grad()
     def _advance(self) -> None:
@@ -279,16 +277,14 @@ class Batcher:
 
     def _close_gaps(self, ended: dict[Running, set[int]]) -> None:
         """The rows that go on move up, in order, into the gaps the ended ones left; a request with none left ends."""
-        old, new = 0, 0
+        positions, old = [], 0
         for running in self.running:
             for row in range(len(running.going)):
                 if row not in ended[running]:
-                    if new != old:
-                        self.cache.copy_row(old, new, int(self.positions[old]))
-                        self.positions[new] = self.positions[old]
-                    new += 1
+                    if len(positions) != old:
+                        self.cache.copy_row(old, len(positions), self.positions[old])
+                    positions.append(self.positions[old])
                 old += 1
-        self.positions[new:] = 0  # free rows (stepped, unread, by a fixed-shape step) write into their first slot
         going = []
         for running in self.running:
             gone = ended[running]
@@ -298,20 +294,21 @@ class Batcher:
             if gone:
                 running.keep([row for row in range(len(running.going)) if row not in gone])
             going.append(running)
-        self.running, self.rows = going, new
+        self.running, self.positions = going, positions
 
     def _step(self) -> None:
         tokens = torch.cat([running.tokens for running in self.running])  # [rows]
-        rows = len(tokens)
-        if self.graph is not None:
-            padded = torch.zeros(self.max_batch, dtype=torch.long, device=tokens.device)
+        rows, device = self.rows, tokens.device
+        if self.graph is not None:  # every row; a free one writes into its own first slot, unread
+            padded = torch.zeros(self.max_batch, dtype=torch.long, device=device)
             padded[:rows] = tokens
-            logits = self.graph(padded, self.positions)[:rows]
+            positions = torch.tensor(self.positions + [0] * (self.max_batch - rows), device=device)
+            logits = self.graph(padded, positions)[:rows]
         else:
-            positions = self.positions[:rows]
-            cache = self.cache.view(rows, int(positions.max()) + 1)
-            logits = DecodingStep(self.model, rows)(tokens.view(-1, 1), positions.view(-1, 1), cache)
-        self.positions[:rows] += 1
+            positions = torch.tensor(self.positions, device=device).view(-1, 1)  # [rows, 1]
+            cache = self.cache.view(rows, max(self.positions) + 1)
+            logits = DecodingStep(self.model, rows)(tokens.view(-1, 1), positions, cache)
+        self.positions = [position + 1 for position in self.positions]
         self.steps += 1
         for running, part in zip(self.running, logits.split([len(r.going) for r in self.running])):
             running.logits = part

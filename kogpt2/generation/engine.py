@@ -96,7 +96,10 @@ class Draws:
 
     def __init__(self, prompt_ids: list[int], rows: int, settings: SamplingSettings, rng: torch.Generator | None,
                  suppress: list[int], device: torch.device, logit_bias: dict[int, float] | None = None) -> None:
-        self.settings, self.rng, self.logit_bias = settings, rng, logit_bias or {}
+        self.settings, self.rng = settings, rng
+        bias = logit_bias or {}
+        self.bias_ids = torch.tensor(list(bias), dtype=torch.long, device=device)  # made once, not every token
+        self.bias = torch.tensor(list(bias.values()), device=device)
         self.rows = [list(prompt_ids) for _ in range(rows)]  # prompt and new tokens of each batch row
         self.blocked = torch.tensor(list(suppress), dtype=torch.long, device=device)
         # [rows, tokens] for the repetition penalty; [rows, vocab] counts of new tokens for OpenAI's penalties
@@ -113,7 +116,7 @@ class Draws:
             if self.counts is None:
                 self.counts = torch.zeros(logits.shape, dtype=torch.int32, device=logits.device)
             logits = apply_presence_frequency(logits, self.counts, s.presence_penalty, s.frequency_penalty)
-        logits = apply_logit_bias(logits, self.logit_bias)
+        logits = apply_logit_bias(logits, self.bias_ids, self.bias)
         logits = block_repeated_ngrams(logits, self.rows, s.no_repeat_ngram)
         if len(self.blocked):
             logits = logits.index_fill(1, self.blocked, float("-inf"))

@@ -22,13 +22,12 @@ def apply_presence_frequency(logits: torch.Tensor, counts: torch.Tensor, presenc
     return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts.to(logits.dtype)
 
 
-def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> torch.Tensor:
-    """Add ``bias`` to the logits of its token ids (OpenAI's ``logit_bias``: -100 bans a token, 100 forces it)."""
-    if not bias:
+def apply_logit_bias(logits: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Add ``bias`` [k] to the logits of token ``ids`` [k] (OpenAI's ``logit_bias``: -100 bans a token, 100 forces
+    it)."""
+    if not len(ids):
         return logits
-    ids = torch.tensor(list(bias), device=logits.device)
-    return logits.index_add(1, ids, torch.tensor(list(bias.values()), device=logits.device,
-                                                  dtype=logits.dtype).expand(logits.shape[0], -1))
+    return logits.index_add(1, ids, bias.to(logits.dtype).expand(logits.shape[0], -1))
 
 
 def block_repeated_ngrams(logits: torch.Tensor, previous: list[list[int]], n: int) -> torch.Tensor:

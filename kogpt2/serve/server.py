@@ -13,7 +13,7 @@ import socket
 import sys
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -74,12 +74,12 @@ class Completion:
         self.requests.append(Request(prompt_ids, settings, seed, n, lambda event: self.loop.call_soon_threadsafe(
             self.events.put_nowait, (index, event)), logprobs, echo, logit_bias or {}))
 
-    def submit(self, queue_size: int) -> None:
+    def submit(self) -> None:
         """Queue every prompt, or none: a full line is a 503 the client may retry."""
         for request in self.requests:
             if not self.batcher.submit(request):
                 self.cancel()
-                raise ApiError(503, f"the server is busy ({queue_size} requests are waiting); retry in "
+                raise ApiError(503, f"the server is busy ({self.batcher.max_waiting} requests are waiting); retry in "
                                     f"{RETRY_AFTER_SECONDS} s", "server_error", "server_busy",
                                headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
@@ -337,9 +337,9 @@ def create_app(opened: OpenedModel, options: ServeOptions):
         return model_card()
 
     def settings_of(body, base: SamplingSettings, max_tokens: int) -> SamplingSettings:
-        names = ("temperature", "top_k", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
-                 "no_repeat_ngram", "stop")
-        return base.updated({"text_size": max_tokens, **{n: getattr(body, n) for n in names}})
+        """The request's sampling fields (each setting but ``text_size`` has one of its name) over ``base``."""
+        given = {f.name: getattr(body, f.name) for f in fields(SamplingSettings) if f.name != "text_size"}
+        return base.updated({**given, "text_size": max_tokens})
 
     def logit_bias(body) -> dict[int, float]:
         bias = {int(token): value for token, value in (body.logit_bias or {}).items()}
@@ -407,7 +407,7 @@ def create_app(opened: OpenedModel, options: ServeOptions):
 
     async def respond(completion: Completion, answer: Answer, settings: SamplingSettings, seed: int, body,
                       api: ApiShape, http_request, note: str | None = None):
-        completion.submit(options.max_queue)
+        completion.submit()
         head = {"id": f"{api.id_prefix}-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": name,
                 "system_fingerprint": None, "seed": seed, "settings": settings.to_dict(),
                 **({"notes": [note]} if note else {})}
