@@ -122,14 +122,15 @@ class ApiShape:
     chunk_object: str
     id_prefix: str
     piece: Callable[[str], dict]  # a streamed piece's fields
-    answer: Callable[[str], dict]  # a whole answer's fields
+    answer: Callable[[Choice], dict]  # a whole answer's fields
     first: Callable[[int], dict | None]  # a choice's first streamed chunk, before its text
 
 
 TEXT_API = ApiShape("text_completion", "text_completion", "cmpl", lambda text: {"text": text},
-                    lambda text: {"text": text}, lambda index: None)
+                    lambda choice: {"text": choice.text, "logprobs": choice.logprobs and choice.logprobs.whole()},
+                    lambda index: None)
 CHAT_API = ApiShape("chat.completion", "chat.completion.chunk", "chatcmpl", lambda text: {"delta": {"content": text}},
-                    lambda text: {"message": {"role": "assistant", "content": text.rstrip()}},
+                    lambda choice: {"message": {"role": "assistant", "content": choice.text.rstrip()}},
                     lambda index: {"index": index, "delta": {"role": "assistant", "content": ""},
                                    "finish_reason": None})
 
@@ -235,12 +236,7 @@ async def collected(completion: Completion, answer: Answer, head: dict, api: Api
             answer.take(prompt, item)
     finally:
         watcher.cancel()
-    choices = []
-    for choice in answer.choices:
-        fields = {"index": choice.index, **api.answer(choice.text)}
-        if api is TEXT_API:
-            fields["logprobs"] = choice.logprobs.whole() if choice.logprobs is not None else None
-        choices.append({**fields, "finish_reason": choice.finish})
+    choices = [{"index": c.index, **api.answer(c), "finish_reason": c.finish} for c in answer.choices]
     return {**head, "object": api.object, "choices": choices, "usage": answer.usage()}
 
 
