@@ -1,6 +1,7 @@
 """Continuous batching: each request gets the text it gets alone (the CLI's), whatever shares the batch; a request
 that is cancelled leaves within one step; a full waiting line refuses at once."""
 import threading
+import time
 
 import pytest
 import torch
@@ -100,7 +101,7 @@ def test_a_full_waiting_line_refuses_at_once(sampler):
                 Request(sampler.prompt_ids("둘"), emit=second, **long)]
     assert batcher.submit(requests[0])
     while batcher.load["rows"] == 0:
-        pass
+        time.sleep(0.001)
     assert batcher.submit(requests[1])  # waits for the one row
     assert not batcher.submit(Request(sampler.prompt_ids("셋"), emit=Collected(1), **long))
     for request in requests:

@@ -74,7 +74,7 @@ class Running:
         top = self.request.logprobs
         scores = _scores(self.logits, tokens, top) if top is not None else None
         ended = set()
-        for row, (index, token) in enumerate(zip(self.going, tokens.tolist())):
+        for row, (index, token) in enumerate(zip(self.going, self.draws.newest)):
             sample = self.samples[index]
             done = sample.push(token)
             if scores is not None:  # the end token too: a scorer reading one new token must get one

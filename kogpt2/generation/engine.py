@@ -129,6 +129,11 @@ class Draws:
             self.counts.scatter_add_(1, tokens.view(-1, 1), torch.ones_like(tokens, dtype=torch.int32).view(-1, 1))
         return tokens
 
+    @property
+    def newest(self) -> list[int]:
+        """Each row's token just drawn (read from the device once, when it was taken into the rows)."""
+        return [row[-1] for row in self.rows]
+
     def keep(self, kept: list[int]) -> None:
         """Only these rows draw on (their samples go on)."""
         self.rows = [self.rows[r] for r in kept]
@@ -176,7 +181,7 @@ def generate_ids(model: GPT, prompt_ids: list[int], settings: SamplingSettings, 
     for _ in range(settings.text_size):
         tokens = draws.next_tokens(logits)  # [going]
         ended = set()
-        for row, token in enumerate(tokens.tolist()):
+        for row, token in enumerate(draws.newest):
             if samples[owner[row]].push(token):
                 ended.add(row)
             yield owner[row]
