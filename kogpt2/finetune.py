@@ -205,7 +205,8 @@ def settings_of_run(args: argparse.Namespace, resume: OpenedModel | None, say) -
     if run.lr is None:
         run.lr = LORA_LR if run.lora else SCRATCH_LR if is_scratch(run.pretrained) else FINETUNE_LR
     if resume is not None and resume.record.ours and lora_settings(run) != resume.record.lora:
-        adapters = f"adapters of rank {resume.record.lora.rank}" if resume.record.lora else "no adapters (every weight trains)"
+        adapters = (f"adapters of rank {resume.record.lora.rank}" if resume.record.lora
+                    else "no adapters (every weight trains)")
         raise KoGPT2Error(f"{resume.source} has {adapters}, and a resume keeps them: drop the --lora flags, or start "
                           f"a new run from its weights: --pretrained {resume.source}")
     if run.lora and is_scratch(run.pretrained):

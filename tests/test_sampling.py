@@ -86,5 +86,5 @@ def test_logit_bias_adds_to_its_tokens_only():
     logits = torch.zeros(2, 4)
     out = apply_logit_bias(logits, torch.tensor([3, 1]), torch.tensor([-100.0, 2.5]))
     assert out.tolist() == [[0.0, 2.5, 0.0, -100.0]] * 2
-    assert sample_next(apply_logit_bias(logits, torch.tensor([2]), torch.tensor([100.0])), 1.0, 0, 1.0, torch.Generator().manual_seed(0)).tolist() \
-        == [2, 2]
+    forced = apply_logit_bias(logits, torch.tensor([2]), torch.tensor([100.0]))
+    assert sample_next(forced, 1.0, 0, 1.0, torch.Generator().manual_seed(0)).tolist() == [2, 2]

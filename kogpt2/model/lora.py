@@ -32,7 +32,8 @@ class LoraSettings:
     def __post_init__(self) -> None:
         unknown = [t for t in self.targets if t not in LORA_PROJECTIONS]
         if unknown or not self.targets:
-            raise KoGPT2Error(f"LoRA layers must be some of {', '.join(LORA_PROJECTIONS)}, not {', '.join(unknown) or 'none'}")
+            raise KoGPT2Error(f"LoRA layers must be some of {', '.join(LORA_PROJECTIONS)}, not "
+                              f"{', '.join(unknown) or 'none'}")
         if self.rank < 1:
             raise KoGPT2Error(f"the LoRA rank must be at least 1, not {self.rank}")
 
