@@ -34,6 +34,7 @@ VAL_RATIO = 0.1
 EVAL_EVERY = 0  # optimizer steps; 0: at each epoch end
 SAVE_EVERY = 500
 KEEP_LAST = 3
+METRICS_FLUSH_SECONDS = 10.0  # metrics.jsonl is appended to at least this often, and before every checkpoint
 PATIENCE = 0  # evaluations without a better validation loss; 0: never stop early
 SEED = 42
 DEVICE = "auto"  # cuda, mps, else cpu

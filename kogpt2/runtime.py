@@ -76,3 +76,25 @@ def keep_freed_memory() -> None:
 def sum_dtype(device: torch.device) -> torch.dtype:
     """Loss sums stay on the device in float64 (exactly as Python floats added them), float32 where there is none."""
     return torch.float32 if device.type == "mps" else torch.float64
+
+
+class HostCopy:
+    """A device tensor's values on their way to the host: the copy is queued now (into pinned memory, with an
+    event, on CUDA) and waited for only when read, so the host can queue the next step before it waits."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach()
+        self.ready = None
+        if tensor.device.type == "cuda":
+            self.values = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self.values.copy_(tensor, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.values = tensor.to("cpu")
+
+    def read(self):
+        """The values (a number, or lists of them), once the copy has landed."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.values.tolist()

@@ -241,3 +241,51 @@ def test_resume_banner_prints_flags_as_they_are_typed():
     said.clear()
     take_checkpoint_settings(main.parse_args(["--chat"]), {"chat": False}, {"chat"}, said.append)
     assert said[0].startswith("note: new settings --chat (was off)")
+
+
+def test_each_loss_is_read_after_the_next_step_is_queued(tmp_path, monkeypatch):
+    """A GPU runs step k+1 while the host reads and logs step k: the host never waits between plain steps. The log
+    still has every step once, with the loss the checkpoint holds for its last step."""
+    from kogpt2.runtime import HostCopy
+    from kogpt2.train import trainer
+
+    events = []
+
+    class RecordedCopy(HostCopy):
+        def __init__(self, tensor):
+            super().__init__(tensor)
+            self.step = sum(event[0] == "queued" for event in events) + 1
+            events.append(("queued", self.step))
+
+        def read(self):
+            events.append(("read", self.step))
+            return super().read()
+
+    monkeypatch.setattr(trainer, "HostCopy", RecordedCopy)
+    assert run_main("--epoch", 1, "--data_file_path", SAMPLE_CSV, "--save_path", tmp_path, *TINY_TRAINING,
+                    "--save_every", 1000) == 0
+    steps = max(step for _, step in events)
+    assert steps >= 4
+    for step in range(1, steps):  # the epoch's last step evaluates and saves: it is read at once
+        assert events.index(("queued", step + 1)) < events.index(("read", step)), events
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in logged] == list(range(1, steps + 1))
+    saved = load_checkpoint(tmp_path / f"KoGPT2_checkpoint_{steps}.tar")
+    assert saved["progress"]["loss"] == logged[-1]["train_loss"]
+
+
+def test_metrics_are_written_in_batches_and_before_each_checkpoint(tmp_path, monkeypatch):
+    from kogpt2.defaults import METRICS_FLUSH_SECONDS
+    from kogpt2.train.metrics_log import MetricsLog
+
+    now = [0.0]
+    log = MetricsLog(tmp_path, tensorboard=False, go_on=lambda: "resume", clock=lambda: now[0])
+    for step in range(1, 6):
+        log.write(step=step, train_loss=1.0)
+    assert not log.path.exists()  # five quick steps: no write yet
+    now[0] += METRICS_FLUSH_SECONDS
+    log.write(step=6, train_loss=1.0)
+    assert [json.loads(line)["step"] for line in log.path.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    log.write(step=7, train_loss=1.0)
+    log.flush()  # what the trainer does before each checkpoint
+    assert len(log.path.read_text().splitlines()) == 7

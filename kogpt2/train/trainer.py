@@ -32,7 +32,7 @@ from ..errors import KoGPT2Error
 from ..generation.engine import fixed_sample
 from ..model.gpt import GPT
 from ..model.head_loss import IGNORE_INDEX
-from ..runtime import sum_dtype
+from ..runtime import HostCopy, sum_dtype
 from ..store.checkpoint import (
     BEST_NAME,
     RunOrigin,
@@ -176,6 +176,7 @@ class Trainer:
         if not self.world.is_main:
             self.last_saved_step = self.progress.step
             return path
+        self.metrics.flush()  # the log covers every step a checkpoint holds
         if self.last_saved_step != self.progress.step:
             save_checkpoint(path, self.state(rng_per_rank), self.go_on())
             self.last_saved_step = self.progress.step
@@ -184,7 +185,6 @@ class Trainer:
             link_checkpoint(path, self.save_path / BEST_NAME, self.go_on())
         return path
 
-    # ---- metrics -------------------------------------------------------------------------------------------------
     # ---- evaluation and samples ------------------------------------------------------------------------------
     def _evaluate(self) -> tuple[float | None, bool]:
         if self.val_data is None:
@@ -235,42 +235,46 @@ class Trainer:
         return self.last_path
 
     def _epoch(self, bar, stop: StopRequest) -> str | None:
-        """The rest of the current epoch; returns why training must stop early, if it must."""
+        """The rest of the current epoch; returns why training must stop early, if it must.
+
+        Each step's loss is read one step late: the host queues step k+1 before it waits for step k's loss, so a
+        GPU never idles between steps while the host logs. Where the run evaluates, saves or stops (which wait for
+        the device anyway), the step is read at once, so its checkpoint holds its own loss."""
         settings, progress = self.settings, self.progress
         order = epoch_order(len(self.train_data.blocks), settings.seed, progress.epoch)
         batches = [order[i:i + self.global_batch] for i in range(0, len(order), self.global_batch)]
-        tokens_seen, started = 0, time.perf_counter()
+        pace = Pace()
+        unread: QueuedStep | None = None
         while True:
             group = batches[progress.batch_in_epoch:progress.batch_in_epoch + settings.grad_accum]
-            loss, n_tokens, stop_elsewhere = self._step(group, stop.signal is not None)
+            queued = self._step(group, stop.signal is not None)
+            if unread is not None:
+                self._read(unread, pace, bar)
+            unread = queued
             progress.batch_in_epoch += len(group)
             progress.step += 1
-            progress.loss = loss
-            tokens_seen += n_tokens
-            tokens_per_s = tokens_seen / max(1e-9, time.perf_counter() - started)
-            entry = {"step": progress.step, "epoch": progress.epoch + 1,
-                     "lr": self.learning_rate(progress.step - 1),
-                     "train_loss": loss, "tokens_per_s": round(tokens_per_s, 1)}
+            queued.entry = {"step": progress.step, "epoch": progress.epoch + 1,
+                            "lr": self.learning_rate(progress.step - 1)}
             end_of_epoch = progress.batch_in_epoch >= len(batches)
             if end_of_epoch:
                 progress.epoch += 1
                 progress.batch_in_epoch = 0
+            evaluating = end_of_epoch if settings.eval_every <= 0 else progress.step % settings.eval_every == 0
             improved = False
-            if end_of_epoch if settings.eval_every <= 0 else progress.step % settings.eval_every == 0:
+            if evaluating:
                 val_loss, improved = self._evaluate()
                 if val_loss is not None:
                     self.val_ppl = math.exp(min(val_loss, 50))
-                    entry.update(val_loss=val_loss, val_ppl=self.val_ppl)
+                    queued.entry.update(val_loss=val_loss, val_ppl=self.val_ppl)
                 if self.world.is_main:
                     bar.write(f"[step {progress.step}] sample: {self._sample()}")
-            if self.metrics is not None:
-                self.metrics.write(**entry)
-            bar.set_postfix(loss=f"{loss:.3f}", val_ppl=f"{self.val_ppl:.2f}" if self.val_ppl else "-",
-                            tok_s=f"{tokens_per_s:.0f}")
-            bar.update(1)
             early_stop = settings.patience > 0 and progress.evals_without_improvement >= settings.patience
-            stopping = stop.signal is not None or stop_elsewhere
-            if end_of_epoch or improved or early_stop or stopping or progress.step % settings.save_every == 0:
+            stopping = stop.signal is not None or queued.stop_elsewhere
+            saving = end_of_epoch or improved or early_stop or stopping or progress.step % settings.save_every == 0
+            if evaluating or saving:
+                self._read(queued, pace, bar)
+                unread = None
+            if saving:
                 self.last_path = self.save(best=improved)
             if early_stop:
                 return f"early stop: validation loss has not improved for {settings.patience} evaluations"
@@ -280,9 +284,21 @@ class Trainer:
             if end_of_epoch:
                 return None
 
-    def _step(self, group: list[torch.Tensor], stop_here: bool) -> tuple[float, int, bool]:
-        """One optimizer step over ``grad_accum`` global batches, this rank doing its share of each; the loss is the
-        mean over all their real tokens. Returns it, the token count, and whether any rank was asked to stop.
+    def _read(self, step: QueuedStep, pace: Pace, bar) -> None:
+        """Wait for a queued step's loss (summed over the ranks), then log it."""
+        (loss_sum,) = self.world.sum([step.loss_sum.read()])
+        loss = loss_sum / max(1, step.tokens)
+        tokens_per_s = pace.tokens_per_s(step.tokens)
+        self.progress.loss = loss
+        if self.metrics is not None:
+            self.metrics.write(**step.entry, train_loss=loss, tokens_per_s=round(tokens_per_s, 1))
+        bar.set_postfix(loss=f"{loss:.3f}", val_ppl=f"{self.val_ppl:.2f}" if self.val_ppl else "-",
+                        tok_s=f"{tokens_per_s:.0f}")
+        bar.update(1)
+
+    def _step(self, group: list[torch.Tensor], stop_here: bool) -> QueuedStep:
+        """One optimizer step over ``grad_accum`` global batches, this rank doing its share of each, queued on the
+        device (nothing here waits for it); its loss is the mean over all their real tokens.
         The first compiled step falls back to eager, with one line, if the compiler fails (only then: an error of
         the device, such as a failed assert, leaves its context broken and is not retried)."""
         try:
@@ -295,7 +311,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             raise KoGPT2Error(self._out_of_memory()) from None
 
-    def _first_compiled_step(self, group: list[torch.Tensor], stop_here: bool) -> tuple[float, int, bool]:
+    def _first_compiled_step(self, group: list[torch.Tensor], stop_here: bool) -> QueuedStep:
         from torch._dynamo.exc import TorchDynamoException  # 1.4 s to import: only when compiling
 
         try:
@@ -317,7 +333,7 @@ class Trainer:
         return (f"out of GPU memory with --batch_size {settings.batch_size} x --max_len {blocks}; try {smaller} (the "
                 f"same batch in two passes), a smaller --max_len, or --grad_checkpoint; {kept}")
 
-    def _optimizer_step(self, group: list[torch.Tensor], stop_here: bool) -> tuple[float, int, bool]:
+    def _optimizer_step(self, group: list[torch.Tensor], stop_here: bool) -> QueuedStep:
         settings, world = self.settings, self.world
         for param_group in self.optimizer.param_groups:
             param_group["lr"] = self.learning_rate(self.progress.step)
@@ -337,8 +353,30 @@ class Trainer:
         self.scaler.step(self.optimizer)  # skipped under fp16 when the gradients overflowed
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum, stops = world.sum([loss_sum.item(), float(stop_here)])  # the step's one host sync
-        return loss_sum / max(1, total_tokens), total_tokens, stops > 0
+        (stops,) = world.sum([float(stop_here)])  # the host's flags alone: no wait for the device
+        return QueuedStep(HostCopy(loss_sum), total_tokens, stops > 0)
+
+
+@dataclass
+class QueuedStep:
+    """An optimizer step queued on the device: its summed loss on the way to the host, its real tokens (counted on
+    the host), whether any rank was asked to stop, and its metrics line (filled in by the loop)."""
+
+    loss_sum: HostCopy
+    tokens: int
+    stop_elsewhere: bool
+    entry: dict | None = None
+
+
+class Pace:
+    """Tokens per second since the epoch (or the resumed part of it) began, as the steps are read."""
+
+    def __init__(self) -> None:
+        self.tokens, self.started = 0, time.perf_counter()
+
+    def tokens_per_s(self, tokens: int) -> float:
+        self.tokens += tokens
+        return self.tokens / max(1e-9, time.perf_counter() - self.started)
 
 
 def shard(data: PackedData, idx: torch.Tensor, rows: int, ranks: int, rank: int) -> Batch:
