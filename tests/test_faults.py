@@ -113,7 +113,13 @@ def test_flipped_bytes_are_refused_or_harmless(trained, tmp_path):
 
 # ---- 3. disk full -----------------------------------------------------------------------------------------------
 
-def test_disk_full_stops_clearly_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("background", [False, True], ids=["in place", "in the background"])
+def test_disk_full_stops_clearly_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys, background):
+    """Also where checkpoints are written while training goes on (a GPU's way): the failure reaches the run at
+    its next checkpoint, with the same line."""
+    from kogpt2.train import trainer
+
+    monkeypatch.setattr(trainer, "writes_in_background", lambda device: background)
     real_save = torch.save
     calls = []
 

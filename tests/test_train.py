@@ -289,3 +289,72 @@ def test_metrics_are_written_in_batches_and_before_each_checkpoint(tmp_path, mon
     log.write(step=7, train_loss=1.0)
     log.flush()  # what the trainer does before each checkpoint
     assert len(log.path.read_text().splitlines()) == 7
+
+
+def test_checkpoints_written_in_the_background_are_those_written_in_place(tmp_path, monkeypatch):
+    """A GPU's run copies each checkpoint to the host and goes on training while a thread writes it: the files
+    are the same as those written in place (the tied weight stored once), and steps run during a write."""
+    from kogpt2.train import trainer
+
+    real_save, writes, steps = torch.save, [], []
+
+    def slow_save(obj, file, *args, **kwargs):
+        started = time.monotonic()
+        time.sleep(0.3)
+        real_save(obj, file, *args, **kwargs)
+        writes.append((started, time.monotonic()))
+
+    original_step = trainer.Trainer._step
+
+    def timed_step(self, *args):
+        steps.append(time.monotonic())
+        return original_step(self, *args)
+
+    monkeypatch.setattr(trainer.Trainer, "_step", timed_step)
+    args = ("--epoch", 2, "--data_file_path", SAMPLE_CSV, *TINY_TRAINING, "--save_every", 2, "--keep_last", 0)
+    assert run_main(*args, "--save_path", tmp_path / "in_place") == 0
+    monkeypatch.setattr(trainer, "writes_in_background", lambda device: True)
+    monkeypatch.setattr(torch, "save", slow_save)
+    steps.clear()
+    assert run_main(*args, "--save_path", tmp_path / "background") == 0
+    assert any(start < step < end for start, end in writes for step in steps)  # training went on during a write
+    names = sorted(p.name for p in (tmp_path / "in_place").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "background").iterdir())
+    for name in names:
+        if name.endswith(".tar"):
+            want, got = (load_checkpoint(tmp_path / run / name) for run in ("in_place", "background"))
+            assert want.keys() == got.keys()
+            for key in ("model_state_dict", "optimizer_state_dict", "progress", "rng"):
+                assert same_values(want[key], got[key]), (name, key)
+            size = (tmp_path / "in_place" / name).stat().st_size
+            assert abs((tmp_path / "background" / name).stat().st_size - size) < size // 100
+
+
+def test_ctrl_c_while_a_checkpoint_is_written_in_the_background_keeps_it(tmp_path, monkeypatch, capsys):
+    from conftest import ctrl_c_at_step
+
+    from kogpt2.train import trainer
+
+    real_save = torch.save
+
+    def slow_save(obj, file, *args, **kwargs):
+        time.sleep(0.5)
+        real_save(obj, file, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "writes_in_background", lambda device: True)
+    monkeypatch.setattr(torch, "save", slow_save)
+    ctrl_c_at_step(monkeypatch, 3)
+    assert run_main("--epoch", 2, "--data_file_path", SAMPLE_CSV, *TINY_TRAINING, "--save_path", tmp_path) == 0
+    assert load_checkpoint(tmp_path / "KoGPT2_checkpoint_4.tar")["progress"]["step"] == 4
+    assert "resume with --load_path" in capsys.readouterr().out
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def same_values(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_values(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_values(x, y) for x, y in zip(a, b))
+    return a == b

@@ -13,10 +13,12 @@ import pickle
 import re
 import shutil
 import tempfile
+import threading
 import uuid
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -72,6 +74,67 @@ def save_checkpoint(path: Path, payload: dict, then: str = "run it again") -> No
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+class CheckpointWriter:
+    """Writes a run's checkpoints one at a time, in the background where asked: the state is copied to the host
+    (the step's only wait), and training goes on while a thread writes it (atomically, as ``save_checkpoint``
+    always does: a kill during the write leaves the previous checkpoint). A failed write is raised at the next
+    write or ``wait``, with its own one line; ``wait`` before the process ends."""
+
+    def __init__(self, background: bool) -> None:
+        self.background = background
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def write(self, path: Path, payload: dict, then: str, finish: Callable[[], None]) -> None:
+        """Write ``payload`` to ``path``; then ``finish`` (rotation, links), which needs the file whole."""
+        self.wait()
+        if not self.background:
+            save_checkpoint(path, payload, then)
+            finish()
+            return
+        snapshot = host_snapshot(payload)
+
+        def write_then_finish() -> None:
+            try:
+                save_checkpoint(path, snapshot, then)
+                finish()
+            except BaseException as error:  # noqa: BLE001 - raised again by wait(), in the training thread
+                self.error = error
+
+        self.thread = threading.Thread(target=write_then_finish, name=f"writing {path.name}")
+        self.thread.start()
+
+    def wait(self) -> None:
+        """Until the last write has ended; its failure, if it failed."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
+def host_snapshot(value):
+    """``value`` (a checkpoint's payload) with every tensor copied to the host, so training can go on changing its
+    own; tensors that shared storage (a tied weight) still share it, as ``torch.save`` keeps them."""
+    copies: dict[tuple, torch.UntypedStorage] = {}
+
+    def copy(item):
+        if isinstance(item, torch.Tensor):
+            storage = item.untyped_storage()
+            key = (storage.device, storage.data_ptr())
+            if key not in copies:
+                copies[key] = storage.clone() if storage.device.type == "cpu" else storage.cpu()
+            return torch.empty(0, dtype=item.dtype).set_(copies[key], item.storage_offset(), item.size(), item.stride())
+        if isinstance(item, dict):
+            return {k: copy(v) for k, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return type(item)(copy(v) for v in item)
+        return item
+
+    return copy(value)
 
 
 def resume_hint(last: Path | None, save_path: Path) -> str:

@@ -35,6 +35,7 @@ from ..model.head_loss import IGNORE_INDEX
 from ..runtime import HostCopy, sum_dtype
 from ..store.checkpoint import (
     BEST_NAME,
+    CheckpointWriter,
     RunOrigin,
     TrainingState,
     checkpoint_name,
@@ -42,7 +43,6 @@ from ..store.checkpoint import (
     remove_stale_temporaries,
     resume_hint,
     rotate,
-    save_checkpoint,
     training_payload,
 )
 from .batch_loss import batch_loss_sum, evaluate
@@ -128,6 +128,7 @@ class Trainer:
         self.val_ppl: float | None = None
         self.go_on = lambda: resume_hint(self.last_path or self.resumed_from, self.save_path)  # after a failed write
         self.metrics = MetricsLog(self.save_path, settings.tensorboard, self.go_on) if world.is_main else None
+        self.checkpoints = CheckpointWriter(background=writes_in_background(self.device))
         if self.save_path.is_dir() and world.is_main:
             remove_stale_temporaries(self.save_path)
 
@@ -177,12 +178,20 @@ class Trainer:
             self.last_saved_step = self.progress.step
             return path
         self.metrics.flush()  # the log covers every step a checkpoint holds
+        then, best_path = self.go_on(), self.save_path / BEST_NAME
         if self.last_saved_step != self.progress.step:
-            save_checkpoint(path, self.state(rng_per_rank), self.go_on())
-            self.last_saved_step = self.progress.step
-            rotate(self.save_path, self.settings.keep_last, self.origin.run, self.progress.step)
-        if best:
-            link_checkpoint(path, self.save_path / BEST_NAME, self.go_on())
+            keep, run, step = self.settings.keep_last, self.origin.run, self.progress.step
+
+            def finish() -> None:  # once the file is whole
+                rotate(self.save_path, keep, run, step)
+                if best:
+                    link_checkpoint(path, best_path, then)
+
+            self.checkpoints.write(path, self.state(rng_per_rank), then, finish)
+            self.last_saved_step = step
+        elif best:
+            self.checkpoints.wait()
+            link_checkpoint(path, best_path, then)
         return path
 
     # ---- evaluation and samples ------------------------------------------------------------------------------
@@ -223,15 +232,19 @@ class Trainer:
             self.metrics.trim(progress.step)
         self.model.train()
         self.last_path = None
-        with StopRequest() as stop:
-            while progress.epoch < settings.epochs:
-                done = math.ceil(progress.batch_in_epoch / settings.grad_accum)
-                with tqdm(total=self.steps_per_epoch, initial=done, desc=f"epoch {progress.epoch + 1}/{settings.epochs}",
-                          unit="step", dynamic_ncols=True, disable=not self.world.is_main) as bar:
-                    reason = self._epoch(bar, stop)
-                if reason:
-                    self.log(reason)
-                    break
+        with StopRequest() as stop:  # a Ctrl-C while the last checkpoint is written waits for it too
+            try:
+                while progress.epoch < settings.epochs:
+                    done = math.ceil(progress.batch_in_epoch / settings.grad_accum)
+                    with tqdm(total=self.steps_per_epoch, initial=done, unit="step", dynamic_ncols=True,
+                              desc=f"epoch {progress.epoch + 1}/{settings.epochs}",
+                              disable=not self.world.is_main) as bar:
+                        reason = self._epoch(bar, stop)
+                    if reason:
+                        self.log(reason)
+                        break
+            finally:
+                self.checkpoints.wait()
         return self.last_path
 
     def _epoch(self, bar, stop: StopRequest) -> str | None:
@@ -377,6 +390,13 @@ class Pace:
     def tokens_per_s(self, tokens: int) -> float:
         self.tokens += tokens
         return self.tokens / max(1e-9, time.perf_counter() - self.started)
+
+
+def writes_in_background(device: torch.device) -> bool:
+    """On a GPU, a checkpoint is copied to the host and written while training goes on (the copy is needed to
+    write it anyway); on the CPU, that copy would double the memory of model and optimizer for a few seconds saved
+    every ``--save_every`` steps, so it is written in place."""
+    return device.type == "cuda"
 
 
 def shard(data: PackedData, idx: torch.Tensor, rows: int, ranks: int, rank: int) -> Batch:
