@@ -68,10 +68,7 @@ def hf_model(config, torch):
 def train(kind: str, shape: str, compiled: bool, smoke: bool) -> dict:
     import torch
 
-    from kogpt2.corpus.packing import PackedData
     from kogpt2.model.gpt import GPT
-    from kogpt2.store.checkpoint import RunOrigin
-    from kogpt2.train.trainer import Trainer, TrainSettings
 
     config, shapes = sizes(smoke)
     batch, block = shapes[shape]
@@ -96,11 +93,7 @@ def train(kind: str, shape: str, compiled: bool, smoke: bool) -> dict:
         params = model.num_parameters()
     else:
         model = GPT(config).to(device)
-        data = PackedData(blocks, torch.full((len(blocks),), block), len(blocks), 0, blocks.numel())
-        folder = tempfile.mkdtemp()
-        trainer = Trainer(model, _NoTokenizer(), data, None, TrainSettings(
-            save_path=folder, batch_size=batch, precision="bf16", warmup=0, compile=compiled), origin=RunOrigin("random blocks", "", "sent", "none", {}, "text", "bench"))
-        model.train()
+        trainer = bench_trainer(model, blocks, batch, compiled)
 
         def step(i: int) -> None:
             trainer._step([torch.arange(i * batch, (i + 1) * batch)], False)
@@ -130,8 +123,53 @@ def compile_report(torch) -> dict:
             "recompiles": sum(counters["recompiles"].values())}
 
 
-class _NoTokenizer:  # the Trainer keeps a tokenizer only for checkpoints; none are written here
-    kind, data, bos_id, eos_id, pad_id, unk_id = "tokenizers", b"", 1, 1, 3, 5
+class _BenchTokenizer:  # the Trainer keeps a tokenizer only for its checkpoints
+    kind, data, bos_id, eos_id, pad_id, unk_id = "tokenizers", b"{}", 1, 1, 3, 5
+
+
+def bench_trainer(model, blocks, batch: int, compiled: bool):
+    """The trainer main.py runs, over random blocks, in bf16, checkpoints going to a temporary folder."""
+    import torch
+
+    from kogpt2.corpus.packing import PackedData
+    from kogpt2.store.checkpoint import RunOrigin
+    from kogpt2.train.trainer import Trainer, TrainSettings
+
+    block = blocks.shape[1] - 1
+    data = PackedData(blocks, torch.full((len(blocks),), block), len(blocks), 0, blocks.numel())
+    settings = TrainSettings(save_path=tempfile.mkdtemp(), batch_size=batch, precision="bf16", warmup=0,
+                             compile=compiled, keep_last=0)
+    origin = RunOrigin("random blocks", "", "sent", "none", {}, "text", "bench")
+    model.train()
+    return Trainer(model, _BenchTokenizer(), data, None, settings, origin=origin)
+
+
+def checkpoint_stall(smoke: bool) -> dict:
+    """How long a checkpoint (model and AdamW moments) holds training up: written in place, or copied to the host
+    and written by a thread as main.py does on a GPU."""
+    import torch
+
+    from kogpt2.model.gpt import GPT
+    from kogpt2.store.checkpoint import CheckpointWriter
+
+    config, shapes = sizes(smoke)
+    batch, block = shapes["8x512"]
+    device, sync = device_and_sync(torch)
+    trainer = bench_trainer(GPT(config).to(device), torch.randint(0, config.vocab_size, (batch, block + 1)), batch,
+                            False)
+    trainer._step([torch.arange(batch)], False)  # the optimizer's moments exist
+    stalls = {}
+    for background in (False, True):
+        trainer.checkpoints = CheckpointWriter(background)
+        trainer.progress.step += 1  # a file of its own
+        sync()
+        start = time.perf_counter()
+        trainer.save()
+        stalls[background] = time.perf_counter() - start
+        trainer.checkpoints.wait()
+    return {"in_place_s": stalls[False], "background_s": stalls[True],
+            "summary": f"a checkpoint stalls training {stalls[False]:.2f} s in place, {stalls[True]:.2f} s in the "
+                       "background"}
 
 
 def decode(kind: str, batch: int, smoke: bool, static_compile: bool = False) -> dict:
@@ -228,6 +266,8 @@ def one(name: str, smoke: bool) -> dict:
         return decode(parts[1], int(parts[2]), smoke, static_compile=len(parts) > 3)
     if parts[0] == "tests":
         return gpu_tests()
+    if parts[0] == "checkpoint":
+        return checkpoint_stall(smoke)
     return main_end_to_end(smoke)
 
 
@@ -235,7 +275,8 @@ def one(name: str, smoke: bool) -> dict:
 COSTS = {"train_ours_16x1024_compile": 60, "train_hf_16x1024_compile": 60, "decode_ours_1": 20, "decode_hf_1": 20,
          "tests_gpu": 40, "main_e2e": 60, "decode_ours_8": 20, "decode_hf_8": 20, "train_ours_8x512_compile": 45,
          "train_hf_8x512_compile": 45, "decode_hf_1_static": 60, "train_ours_16x1024_eager": 25,
-         "train_hf_16x1024_eager": 25, "train_ours_8x512_eager": 20, "train_hf_8x512_eager": 20}
+         "train_hf_16x1024_eager": 25, "train_ours_8x512_eager": 20, "train_hf_8x512_eager": 20,
+         "checkpoint_stall": 20}
 
 
 def contenders(smoke: bool) -> list[str]:
@@ -244,7 +285,7 @@ def contenders(smoke: bool) -> list[str]:
         names = [f"train_{kind}_{shape}_{mode}" for shape in shapes for mode in ("eager", "compile")
                  for kind in ("hf", "ours")]
         return names + [f"decode_{kind}_{batch}" for batch in (1, 8) for kind in ("hf", "ours")] + \
-            ["decode_hf_1_static", "main_e2e"]
+            ["decode_hf_1_static", "main_e2e", "checkpoint_stall"]
     return list(COSTS)
 
 
