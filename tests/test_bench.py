@@ -16,10 +16,12 @@ def test_serve_benchmark_smoke():
 
 @pytest.mark.slow
 def test_gpu_check_smoke_runs_every_contender():
-    """Training (eager, compiled) for transformers and ours, decoding on the fixed-shape path, main.py end to end."""
+    """Training (eager, compiled) for transformers and ours, decoding on the fixed-shape path, main.py end to end,
+    and a checkpoint's stall in place and in the background."""
     result = subprocess.run([sys.executable, "bench/gpu_check.py", "--smoke"], cwd=REPO, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     for name in ("train_hf_8x512_compile", "train_ours_8x512_compile", "decode_ours_1", "decode_ours_8", "main_e2e"):
         line = next(l for l in result.stdout.splitlines() if l.startswith(name))
         assert "tokens/s" in line, line
+    assert "stalls training" in next(l for l in result.stdout.splitlines() if l.startswith("checkpoint_stall"))
