@@ -1,12 +1,14 @@
 """The attention kernels CUDA trains with, proven on the CPU: FlexAttention for chat batches (the dense mask's loss
-and gradients, one compiled graph)."""
+and gradients, one compiled graph), and the measured choice between cuDNN and flash attention on Hopper."""
 import pytest
 import torch
+from torch.nn.attention import SDPBackend
 
 from kogpt2.corpus.chat_format import ChatExample
 from kogpt2.corpus.packing import pack_examples
 from kogpt2.model.gpt import GPT, GPTConfig
 from kogpt2.model.head_loss import IGNORE_INDEX
+from kogpt2.runtime import CUDNN_MARGIN, choose_attention_kernel, faster_attention
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -87,3 +89,62 @@ def test_the_compiled_flex_step_is_one_graph(flex_calls):
     explained = torch._dynamo.explain(model)(batch.inputs, targets=batch.targets, segments=batch.segments)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     assert flex_calls  # traced through
+
+
+def timings(flash, cudnn):
+    """A fake GPU timing: seconds per kernel, or an exception a kernel that cannot run raises."""
+    def time_kernel(kernel: SDPBackend) -> float:
+        seconds = {SDPBackend.FLASH_ATTENTION: flash, SDPBackend.CUDNN_ATTENTION: cudnn}[kernel]
+        if isinstance(seconds, Exception):
+            raise seconds
+        return seconds
+    return time_kernel
+
+
+def test_the_faster_kernel_wins_and_a_tie_keeps_flash():
+    assert faster_attention(timings(1.0, 0.8)).pick == "cudnn"
+    assert faster_attention(timings(0.8, 1.0)).pick == "flash"
+    assert faster_attention(timings(1.0, 1.0)).pick == "flash"
+    assert faster_attention(timings(1.0, CUDNN_MARGIN * 1.001)).pick == "flash"  # within the noise
+    assert faster_attention(timings(1.0, 0.8)).seconds == {"flash": 1.0, "cudnn": 0.8}
+
+
+def test_a_kernel_that_raises_is_left_out():
+    no_kernel = RuntimeError("No available kernel. Aborting execution.")
+    assert faster_attention(timings(no_kernel, 0.8)).pick == "cudnn"
+    assert faster_attention(timings(1.0, no_kernel)).seconds == {"flash": 1.0}
+    assert faster_attention(timings(no_kernel, no_kernel)) is None
+
+
+@pytest.fixture
+def attention_order():
+    """torch's attention order, put back after the test."""
+    order = torch._C._get_sdp_priority_order()
+    yield order
+    torch._C._set_sdp_priority_order(order)
+
+
+def choose(device: str, time_kernel):
+    return choose_attention_kernel(torch.device(device), 16, 12, 1024, 64, torch.bfloat16, 0.1, time_kernel)
+
+
+def test_hopper_puts_the_faster_kernel_first(attention_order, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert choose("cuda", timings(1.0, 0.5)).pick == "cudnn"
+    assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.CUDNN_ATTENTION)
+    assert choose("cuda", timings(0.5, 1.0)).pick == "flash"
+    order = torch._C._get_sdp_priority_order()
+    assert order[:2] == [int(SDPBackend.FLASH_ATTENTION), int(SDPBackend.CUDNN_ATTENTION)]
+    assert sorted(order) == sorted(attention_order)  # reordered, none lost
+
+
+def test_nothing_changes_without_cuda_or_before_hopper(attention_order, monkeypatch):
+    def untimed(kernel):
+        raise AssertionError("timed where nothing is chosen")
+
+    assert choose("cpu", untimed) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert choose("cuda", untimed) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert choose("cuda", timings(RuntimeError("no kernel"), RuntimeError("no kernel"))) is None
+    assert torch._C._get_sdp_priority_order() == attention_order
