@@ -6,7 +6,8 @@
 
 Training (bf16 autocast, fused AdamW, gradient clipping for both) at 8 x 512 and 16 x 1024, eager and compiled, two
 rounds of 30 timed steps after the warm-up (the best counts); a compiled contender reports its graphs, graph breaks
-and recompiles, and ours fails if it fell back to eager. Decoding in bf16 at batch 1 and 8 (transformers `generate`,
+and recompiles, and ours fails if it fell back to eager; on Hopper ours also reports the attention kernel it trained
+with (cuDNN or flash, both timed at its shape). Decoding in bf16 at batch 1 and 8 (transformers `generate`,
 eager and with its static cache + compile, warmed up at the timed length; ours: the engine generator.py uses, its
 CUDA graph captured before the timer). The GPU-marked tests (`pytest -m gpu`), and `main.py` + `generator.py` end to
 end: train, Ctrl-C, resume, generate in bf16. Each part runs in its own process and its result is written to
@@ -16,6 +17,7 @@ bf16 peak.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -109,6 +111,8 @@ def train(kind: str, shape: str, compiled: bool, smoke: bool) -> dict:
         sync()
         rounds.append(steps * batch * block / (time.perf_counter() - start))
     result = {"tokens_per_s": max(rounds), "rounds": rounds, "flops_per_token": flops_per_token(config, params, block)}
+    if kind == "ours" and trainer.attention is not None:  # Hopper: the attention kernel the run trained with
+        result["attention"] = dataclasses.asdict(trainer.attention)
     if compiled:
         result.update(compile_report(torch))
         if kind == "ours" and trainer.forward_model is trainer.eager_model:
@@ -304,6 +308,8 @@ def main() -> int:
         return 0
     import torch
 
+    from kogpt2.runtime import AttentionChoice
+
     if not args.smoke and not torch.cuda.is_available():
         print("no CUDA device: run this on a GPU machine (or --smoke to check the script)")
         return 2
@@ -334,7 +340,8 @@ def main() -> int:
         shown = got.get("error") or got.get("summary") or f"{got['tokens_per_s']:,.0f} tokens/s" + (
             f", MFU {got['mfu']:.1%}" if "mfu" in got else "") + (
             f", {got['graphs']} graph(s), {got['graph_breaks']} break(s), {got['recompiles']} recompile(s)"
-            if "graphs" in got else "")
+            if "graphs" in got else "") + (
+            f"; {AttentionChoice(**got['attention']).line()}" if "attention" in got else "")
         print(f"{contender:28s} {shown}  ({time.perf_counter() - started:.0f} s)", flush=True)
     verdicts = []
     for what, key, other, goal in TARGETS:

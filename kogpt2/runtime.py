@@ -1,10 +1,19 @@
-"""Where and how to run: device, precision, and the CPU allocator setting (shared by training, generation, evaluation)."""
+"""Where and how to run: device, precision, the CPU allocator setting (shared by training, generation, evaluation),
+device values read without stalling the device, and the attention kernel a Hopper GPU trains with."""
 from __future__ import annotations
 
 import ctypes
+import functools
+import math
 import os
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .errors import KoGPT2Error
 
@@ -98,3 +107,84 @@ class HostCopy:
         if self.ready is not None:
             self.ready.synchronize()
         return self.values.tolist()
+
+
+@dataclass(frozen=True)
+class AttentionChoice:
+    """Seconds per forward + backward of causal attention at a run's shape for each kernel that ran, and the one
+    put first in torch's order for the run."""
+
+    seconds: dict[str, float]  # "flash", "cudnn"
+    pick: str
+
+    def line(self) -> str:
+        timings = ", ".join(f"{name} {seconds * 1e3:.3f} ms" for name, seconds in self.seconds.items())
+        return f"attention: {timings} per forward+backward at this run's shape; {self.pick} goes first"
+
+
+ATTENTION_KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
+CUDNN_MARGIN = 0.97  # cuDNN must beat flash by 3%: a closer timing is within the noise, and a tie keeps flash
+
+
+def faster_attention(time_kernel: Callable[[SDPBackend], float]) -> AttentionChoice | None:
+    """Flash and cuDNN timed by ``time_kernel`` (a kernel that raises, say for this shape, dtype or deterministic
+    mode, is left out); cuDNN wins only by more than the margin. None when neither ran."""
+    seconds = {}
+    for name, kernel in ATTENTION_KERNELS.items():
+        try:
+            seconds[name] = time_kernel(kernel)
+        except RuntimeError:
+            continue
+    if not seconds:
+        return None
+    cudnn_faster = seconds.get("cudnn", math.inf) < CUDNN_MARGIN * seconds.get("flash", math.inf)
+    return AttentionChoice(seconds, "cudnn" if cudnn_faster else "flash")
+
+
+def choose_attention_kernel(device: torch.device, batch: int, heads: int, block: int, head_dim: int,
+                            dtype: torch.dtype, dropout: float,
+                            time_kernel: Callable[[SDPBackend], float] | None = None) -> AttentionChoice | None:
+    """On Hopper and later (compute capability 9+), put the faster of cuDNN and flash attention first for the run,
+    measured at its shape: which wins depends on the shape, the dtype and the cuDNN release, and torch puts cuDNN
+    first on some of them unmeasured. Nothing changes elsewhere. ``time_kernel`` replaces the GPU's timing."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+        return None
+    time_kernel = time_kernel or functools.partial(time_attention, device=device, batch=batch, heads=heads,
+                                                   block=block, head_dim=head_dim, dtype=dtype, dropout=dropout)
+    choice = faster_attention(time_kernel)
+    if choice is not None:
+        put_first(ATTENTION_KERNELS[choice.pick])
+    return choice
+
+
+def put_first(kernel: SDPBackend) -> None:
+    """``kernel`` first in torch's attention order for the rest of the process, the others as they were. Called
+    after a CUDA attention has run: torch sets its default order at the first one, over an order set before."""
+    order = [int(kernel)] + [k for k in torch._C._get_sdp_priority_order() if k != int(kernel)]
+    torch._C._set_sdp_priority_order(order)
+
+
+def time_attention(kernel: SDPBackend, device: torch.device, batch: int, heads: int, block: int, head_dim: int,
+                   dtype: torch.dtype, dropout: float, repeats: int = 10) -> float:
+    """Seconds per causal attention forward + backward with one kernel, the best of three rounds after a warm-up
+    (the first call plans cuDNN's graph). The random state is left as it was, and a kernel that cannot run raises
+    without torch's warnings about why."""
+    with torch.random.fork_rng(devices=[device]), sdpa_kernel(kernel), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q, k, v = (torch.randn(batch, heads, block, head_dim, device=device, dtype=dtype, requires_grad=True)
+                   for _ in range(3))  # [B, head, T, hs]
+        grad = torch.randn_like(q)
+
+        def step() -> None:
+            F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True).backward(grad)
+
+        step()
+        rounds = []
+        for _ in range(3):
+            torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            for _ in range(repeats):
+                step()
+            torch.cuda.synchronize(device)
+            rounds.append((time.perf_counter() - started) / repeats)
+    return min(rounds)

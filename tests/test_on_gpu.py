@@ -1,7 +1,8 @@
 """What only a GPU can show: a real CUDA graph captured once and equal to eager decoding (the CLI's and the server's
 batch), a compiled step that
-compiles once, and fp16's gradient scaler skipping an overflowing step. Run with ``pytest -m gpu`` on a machine
-with CUDA (``bench/gpu_check.py`` does); skipped elsewhere."""
+compiles once, fp16's gradient scaler skipping an overflowing step, FlexAttention's fused kernel equal to the dense
+mask in bf16, and the attention kernel measured on Hopper. Run with ``pytest -m gpu`` on a machine with CUDA
+(``bench/gpu_check.py`` does); skipped elsewhere."""
 import json
 
 import pytest
@@ -91,3 +92,59 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale(tmp_path, monkeypatch
     assert scaler["scale"] < 2.0 ** 16  # halved by the overflow, never doubled back within one short epoch
     losses = [json.loads(line)["train_loss"] for line in (tmp_path / "metrics.jsonl").open()]
     assert all(loss == loss and loss < float("inf") for loss in losses[1:])
+
+
+def test_flex_attention_equals_the_dense_mask_in_bf16():
+    """Chat batches on CUDA: the compiled FlexAttention kernel with the block mask gives what SDPA gives with the
+    dense mask, forward and backward."""
+    import torch.nn.functional as F
+    from test_attention import chat_batch
+
+    from kogpt2.model.gpt import GPT, flex_attend
+
+    segments = chat_batch().segments.cuda()
+    (_, block_mask), (_, dense_mask) = (GPT._segment_positions_and_mask(segments, flex) for flex in (True, False))
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(len(segments), 12, segments.shape[1], 64, device="cuda", dtype=torch.bfloat16,
+                           requires_grad=True) for _ in range(3))
+    grad = torch.randn_like(q)
+    results = []
+    for flex in (True, False):
+        y = flex_attend(q, k, v, block_mask) if flex else F.scaled_dot_product_attention(q, k, v, dense_mask)
+        y.backward(grad)
+        results.append([y.detach().float()] + [t.grad.float() for t in (q, k, v)])
+        q.grad = k.grad = v.grad = None
+    for flex, dense in zip(*results):  # output, then the gradients of q, k and v; bf16 rounds to about 0.4%
+        assert (flex - dense).norm() <= 2e-2 * dense.norm()
+
+
+def test_the_attention_kernel_is_measured_on_hopper():
+    from torch.nn.attention import SDPBackend
+
+    from kogpt2.runtime import ATTENTION_KERNELS, choose_attention_kernel
+
+    order = torch._C._get_sdp_priority_order()
+    try:
+        choice = choose_attention_kernel(torch.device("cuda"), 4, 12, 512, 64, torch.bfloat16, 0.1)
+        if torch.cuda.get_device_capability()[0] < 9:
+            assert choice is None and torch._C._get_sdp_priority_order() == order
+            return
+        assert choice.seconds["flash"] > 0 and choice.pick in choice.seconds
+        assert torch._C._get_sdp_priority_order()[0] == int(ATTENTION_KERNELS[choice.pick])
+        assert int(SDPBackend.MATH) in torch._C._get_sdp_priority_order()
+    finally:
+        torch._C._set_sdp_priority_order(order)
+
+
+def test_chat_training_compiled_on_cuda_is_one_graph(tmp_path):
+    """FlexAttention's block mask and kernel inside the trainer's compiled step: one graph, no breaks (no validation
+    set: evaluation runs eager, with FlexAttention compiled apart)."""
+    from conftest import REPO
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    assert run_main("--chat", "--data_file_path", REPO / "data" / "chat_sample.csv", "--pretrained", "scratch:tiny",
+                    "--max_len", 64, "--batch_size", 8, "--seed", 1, "--device", "cuda", "--epoch", 1,
+                    "--dropout", 0, "--val_ratio", 0, "--compile", "on", "--precision", "bf16",
+                    "--save_path", tmp_path) == 0
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]

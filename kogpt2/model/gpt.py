@@ -5,18 +5,33 @@ Weights are kept as ``nn.Linear`` ([out, in]); ``hf_layout.py`` translates to an
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from ..errors import KoGPT2Error
 from .config import ACTIVATIONS, GPTConfig
 from .head_loss import linear_cross_entropy, plain_cross_entropy
 from .kv_cache import KVCache
 from .tied_grad import TiedGradient
+
+
+@functools.cache
+def compiled_flex_attention():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
+    """FlexAttention, compiled on CUDA: eager, it builds the whole score matrix; compiled, Triton writes one fused
+    kernel. Inside the trainer's compiled model the outer graph takes it in; on the CPU only tests use it, eager."""
+    if q.device.type == "cuda" and not torch.compiler.is_compiling():
+        return compiled_flex_attention()(q, k, v, block_mask=block_mask)
+    return flex_attention(q, k, v, block_mask=block_mask)  # [B, head, T, hs]
 
 
 class CausalSelfAttention(nn.Module):
@@ -28,15 +43,18 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, layer: int, mask: torch.Tensor | None, cache: KVCache | None,
+    def forward(self, x, layer: int, mask: torch.Tensor | BlockMask | None, cache: KVCache | None,
                 input_pos: torch.Tensor | None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # [B, head, T, hs]
         if cache is not None:
             k, v = cache.update(layer, input_pos, k, v)  # [B, head, slots, hs]
-        dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
+        if isinstance(mask, BlockMask):  # chat on CUDA: no attention dropout here (hidden_states chose it so)
+            y = flex_attend(q, k, v, mask)  # [B, head, T, hs]
+        else:
+            dropout = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -85,6 +103,9 @@ class GPT(nn.Module):
         # True: the tied weight's gradient and the head's loss go through plain autograd, as on CUDA; the CPU's
         # in-place paths (tied_grad.py, loss.py) save memory but break a torch.compile graph.
         self.plain_autograd = False
+        # True: chat batches attend through FlexAttention with a block mask, as on CUDA, instead of SDPA with a dense
+        # [batch, 1, time, time] mask (which rules out flash attention); tests set it to check that path on the CPU.
+        self.flex_attention = False
         self.tied_grad = TiedGradient(self.transformer.wte.weight)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
@@ -141,7 +162,7 @@ class GPT(nn.Module):
         if cache is None and T > self.config.n_positions:
             raise KoGPT2Error(f"sequence of {T} tokens is longer than the model's {self.config.n_positions} positions")
         if segments is not None:
-            positions, mask = self._segment_positions_and_mask(segments)
+            positions, mask = self._segment_positions_and_mask(segments, self._flex(idx.device))
         else:
             slots = cache.capacity if cache is not None else T
             input_pos = torch.arange(T, device=idx.device) if input_pos is None else input_pos  # [T]
@@ -165,14 +186,28 @@ class GPT(nn.Module):
             return self.tied_grad.embedding(idx)
         return self.transformer.wte(idx)
 
+    def _flex(self, device: torch.device) -> bool:
+        """FlexAttention for chat batches on CUDA (or where a test asks), unless attention dropout is on: it has
+        none, and a run's dropout must not silently change."""
+        dropping = self.training and self.config.dropout > 0
+        return (self.flex_attention or device.type == "cuda") and not dropping
+
     @staticmethod
-    def _segment_positions_and_mask(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions counted from each segment's first token, and a causal mask that stays inside a segment."""
-        T = segments.shape[1]
+    def _segment_positions_and_mask(segments: torch.Tensor,
+                                    flex: bool) -> tuple[torch.Tensor, torch.Tensor | BlockMask]:
+        """Positions counted from each segment's first token, and a causal mask that stays inside a segment: dense
+        for SDPA, or made once per forward as FlexAttention's block mask, which every layer shares and which skips
+        the blocks between segments."""
+        B, T = segments.shape
         steps = torch.arange(T, device=segments.device)
         starts = torch.ones_like(segments, dtype=torch.bool)
         starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
         first = torch.cummax(torch.where(starts, steps, 0), dim=1).values
+        if flex:
+            def same_segment_causal(b, h, q, kv):
+                return (q >= kv) & (segments[b, q] == segments[b, kv])
+
+            return steps - first, create_block_mask(same_segment_causal, B, None, T, T, device=segments.device)
         causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
         return steps - first, causal & (segments[:, None, :, None] == segments[:, None, None, :])
 

@@ -32,7 +32,7 @@ from ..errors import KoGPT2Error
 from ..generation.engine import fixed_sample
 from ..model.gpt import GPT
 from ..model.head_loss import IGNORE_INDEX
-from ..runtime import HostCopy, sum_dtype
+from ..runtime import AttentionChoice, HostCopy, choose_attention_kernel, sum_dtype
 from ..store.checkpoint import (
     BEST_NAME,
     CheckpointWriter,
@@ -45,7 +45,7 @@ from ..store.checkpoint import (
     rotate,
     training_payload,
 )
-from .batch_loss import batch_loss_sum, evaluate
+from .batch_loss import AUTOCAST_DTYPES, batch_loss_sum, evaluate
 from .distributed import World
 from .metrics_log import MetricsLog
 from .optim import learning_rate, make_optimizer, steps_per_epoch
@@ -101,6 +101,7 @@ class Trainer:
         self.train_data, self.val_data = train_data, val_data
         self.device = next(model.parameters()).device
         model.grad_checkpoint = settings.grad_checkpoint
+        self.attention = self._choose_attention_kernel()
         model.tied_grad.in_place = not world.active  # DDP's hooks need every gradient to flow through autograd
         self.ddp = None
         if world.active:
@@ -131,6 +132,19 @@ class Trainer:
         self.checkpoints = CheckpointWriter(background=writes_in_background(self.device))
         if self.save_path.is_dir() and world.is_main:
             remove_stale_temporaries(self.save_path)
+
+    def _choose_attention_kernel(self) -> AttentionChoice | None:
+        """Text runs on Hopper train with the faster of cuDNN and flash attention at their shape (one line says
+        which); chat runs attend through FlexAttention or a dense mask, which that timing does not describe."""
+        if self.train_data.segments is not None:
+            return None
+        config = self.model.config
+        choice = choose_attention_kernel(self.device, self.settings.batch_size, config.n_head,
+                                         self.train_data.blocks.shape[1] - 1, config.n_embd // config.n_head,
+                                         AUTOCAST_DTYPES.get(self.settings.precision, torch.float32), config.dropout)
+        if choice is not None:
+            self.log(choice.line())
+        return choice
 
     # ---- checkpoints ---------------------------------------------------------------------------------------------
     def _rng(self) -> dict:
