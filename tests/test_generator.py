@@ -297,27 +297,27 @@ def test_fixed_shape_decoding_draws_as_the_shrinking_batch_when_samples_end_apar
 
 
 def test_the_captured_decoding_step_is_reused_across_calls(model_and_tokenizer, monkeypatch):
-    """On CUDA a capture synchronises and empties the allocator's cache, so it happens once per model and batch size,
-    not once per prompt. Counted on the CPU with a stand-in for the CUDA graph (replay reruns the captured step into
-    the same output buffer)."""
+    """On CUDA a capture synchronises and empties the allocator's cache, so it happens once per model, batch size and
+    visible length, not once per prompt. Counted on the CPU with a stand-in for the CUDA graph (replay reruns the
+    captured step into the same output buffer)."""
     import kogpt2.generation.decoding_step as steps
 
     class StandInGraph:
-        def __init__(self, step):
-            self.step = step
+        def __init__(self, step, visible):
+            self.step, self.visible = step, visible
 
         def replay(self):
-            self.step.logits.copy_(self.step._forward())
+            self.step.logits[self.visible].copy_(self.step._forward(self.visible))
 
-    def capture(step):
+    def capture(step, visible):
         step.captures += 1
-        step.logits, step.graph = step._forward(), StandInGraph(step)
+        step.logits[visible], step.graphs[visible] = step._forward(visible), StandInGraph(step, visible)
 
     monkeypatch.setattr(steps.GraphStep, "_capture", capture)
     model, tokenizer = model_and_tokenizer
     for batch in (1, 2):
         steps.graph_step(model, batch).capture = True
-    settings = SamplingSettings(temperature=1.0, text_size=20)
+    settings = SamplingSettings(temperature=1.0, text_size=80)  # through the visible lengths 32, 64 and 128
 
     def draw(batch: int, static: bool, seed: int) -> list[list[int]]:
         samples = [TokenList() for _ in range(batch)]
@@ -328,4 +328,6 @@ def test_the_captured_decoding_step_is_reused_across_calls(model_and_tokenizer, 
     for seed in range(3):
         for batch in (1, 2):
             assert draw(batch, True, seed) == draw(batch, False, seed)
-    assert [steps.graph_step(model, batch).captures for batch in (1, 2)] == [1, 1]
+    for batch in (1, 2):
+        step = steps.graph_step(model, batch)
+        assert sorted(step.graphs) == [32, 64, 128] and step.captures == 3
