@@ -442,3 +442,27 @@ def test_greedy_samples_ending_apart_equal_argmax_of_full_forwards(static):
     list(generate_ids(model, [1, 2, 3], SamplingSettings(temperature=0, text_size=55), samples, suppress=[0],
                       static=static))
     assert [sample.ids for sample in samples] == [want[:want.index(end_id)], want[:4], want[:21], want]
+
+
+def test_a_decoding_step_makes_its_attention_mask_once_not_in_every_layer():
+    """A boolean mask is turned into an additive one by attention in each layer (a kernel per layer on CUDA)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from kogpt2.generation.decoding_step import GraphStep
+
+    class Counted(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.wheres = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.wheres += func.overloadpacket is torch.ops.aten.where
+            return func(*args, **kwargs or {})
+
+    from kogpt2.model.gpt import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=300, n_positions=32, n_embd=48, n_layer=6, n_head=4)).eval()
+    step = GraphStep(model, model.kv_cache(2, 32))
+    with torch.no_grad(), Counted() as counted:
+        step(torch.tensor([5, 6]), [3, 9])
+    assert counted.wheres == 1
