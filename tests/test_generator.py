@@ -297,27 +297,27 @@ def test_fixed_shape_decoding_draws_as_the_shrinking_batch_when_samples_end_apar
 
 
 def test_the_captured_decoding_step_is_reused_across_calls(model_and_tokenizer, monkeypatch):
-    """On CUDA a capture synchronises and empties the allocator's cache, so it happens once per model and batch size,
-    not once per prompt. Counted on the CPU with a stand-in for the CUDA graph (replay reruns the captured step into
-    the same output buffer)."""
+    """On CUDA a capture synchronises and empties the allocator's cache, so it happens once per model, batch size and
+    visible length, not once per prompt. Counted on the CPU with a stand-in for the CUDA graph (replay reruns the
+    captured step into the same output buffer)."""
     import kogpt2.generation.decoding_step as steps
 
     class StandInGraph:
-        def __init__(self, step):
-            self.step = step
+        def __init__(self, step, visible):
+            self.step, self.visible = step, visible
 
         def replay(self):
-            self.step.logits.copy_(self.step._forward())
+            self.step.logits[self.visible].copy_(self.step._forward(self.visible))
 
-    def capture(step):
+    def capture(step, visible):
         step.captures += 1
-        step.logits, step.graph = step._forward(), StandInGraph(step)
+        step.logits[visible], step.graphs[visible] = step._forward(visible), StandInGraph(step, visible)
 
     monkeypatch.setattr(steps.GraphStep, "_capture", capture)
     model, tokenizer = model_and_tokenizer
     for batch in (1, 2):
         steps.graph_step(model, batch).capture = True
-    settings = SamplingSettings(temperature=1.0, text_size=20)
+    settings = SamplingSettings(temperature=1.0, text_size=80)  # through the visible lengths 32, 64 and 128
 
     def draw(batch: int, static: bool, seed: int) -> list[list[int]]:
         samples = [TokenList() for _ in range(batch)]
@@ -328,4 +328,141 @@ def test_the_captured_decoding_step_is_reused_across_calls(model_and_tokenizer, 
     for seed in range(3):
         for batch in (1, 2):
             assert draw(batch, True, seed) == draw(batch, False, seed)
-    assert [steps.graph_step(model, batch).captures for batch in (1, 2)] == [1, 1]
+    for batch in (1, 2):
+        step = steps.graph_step(model, batch)
+        assert sorted(step.graphs) == [32, 64, 128] and step.captures == 3
+
+
+def tiny_model(n_positions: int):
+    from kogpt2.model.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=300, n_positions=n_positions, n_embd=48, n_layer=2, n_head=4)).eval()
+
+
+def test_the_visible_lengths_are_the_window_and_its_halves():
+    from kogpt2.generation.decoding_step import visible_length, visible_lengths
+
+    assert visible_lengths(1024) == [128, 256, 512, 1024] and visible_lengths(32) == [4, 8, 16, 32]
+    assert [visible_length(slot, [128, 256, 512, 1024]) for slot in (0, 127, 128, 511, 1023)] == [128, 128, 256, 512,
+                                                                                                    1024]
+
+
+@pytest.mark.parametrize("per_row", [False, True], ids=["one position", "a position per row"])
+def test_a_step_over_the_fewest_visible_slots_gives_the_logits_of_the_plain_forward(per_row):
+    """Across every visible length (4, 8, 16, 32 slots of a 32-token window), over a cache whose slots hold another
+    text's keys: no slot past a row's position is read."""
+    from kogpt2.generation.decoding_step import GraphStep
+
+    model = tiny_model(32)
+    ids = torch.randint(0, 300, (2, 32))
+    cache = model.kv_cache(2, 32)
+    cache.buffer.normal_()
+    step = GraphStep(model, cache)
+    lead = 5 if per_row else 0  # the second row runs this many tokens ahead
+    with torch.no_grad():
+        want = model(ids)  # [2, 32, vocab]
+        for position in range(lead):  # the first row rewrites its first slot meanwhile
+            step(torch.stack([ids[0, 0], ids[1, position]]), [0, position])
+        for position in range(32 - lead):
+            logits = step(torch.stack([ids[0, position], ids[1, position + lead]]),
+                          [position, position + lead] if per_row else position)
+            assert torch.allclose(logits[0], want[0, position], atol=1e-5)
+            assert torch.allclose(logits[1], want[1, position + lead], atol=1e-5)
+
+
+class Recorded:
+    """What the decoding asks of the device and the host, in order."""
+
+    def __init__(self, monkeypatch):
+        import kogpt2.generation.engine as engine
+
+        self.events = []
+        step, prefill, read = engine.Decoder.step, engine.Decoder.prefill, engine.HostCopy.read
+
+        def recorded_step(decoder, tokens):
+            assert not decoder.full
+            self.events.append("step")
+            return step(decoder, tokens)
+
+        def recorded_prefill(decoder, ids):
+            self.events.append("prefill")
+            return prefill(decoder, ids)
+
+        def recorded_read(drawn):
+            self.events.append("read")
+            return read(drawn)
+
+        monkeypatch.setattr(engine.Decoder, "step", recorded_step)
+        monkeypatch.setattr(engine.Decoder, "prefill", recorded_prefill)
+        monkeypatch.setattr(engine.HostCopy, "read", recorded_read)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["shrinking", "fixed shape"])
+def test_the_next_step_is_queued_before_the_host_reads_the_tokens(monkeypatch, static):
+    """The device computes step k+1 while the host waits for step k's tokens: one read per draw (not per sample),
+    each after the next step was queued; a sample that ends changes nothing in that; no step over a full cache (a
+    slide prefills once the host has the text) and none past the last token."""
+    recorded = Recorded(monkeypatch)
+    samples = [EndsAfter(5), TokenList(), EndsAfter(33)]
+    settings = SamplingSettings(temperature=1.0, top_k=0, top_p=1.0, text_size=40)
+    list(generate_ids(tiny_model(32), [1, 2, 3], settings, samples, torch.Generator().manual_seed(0), static=static))
+    # slots 3..31 take 29 steps; the full cache slides to its newest 16 tokens; 9 more steps; the 40th token
+    assert recorded.events == (["prefill"] + ["step", "read"] * 29 + ["read", "prefill"] + ["step", "read"] * 9
+                               + ["read"])
+    assert [len(sample.ids) for sample in samples] == [5, 40, 33]
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0), dict(temperature=1.0, top_k=0, top_p=1.0),
+                                      dict(temperature=0.9, top_k=50, no_repeat_ngram=2),
+                                      dict(temperature=1.0, top_p=0.9, repetition_penalty=1.3, presence_penalty=0.5,
+                                           frequency_penalty=0.7)],
+                         ids=["greedy", "pure", "ngram", "penalties"])
+@pytest.mark.parametrize("num_samples", [1, 2, 3, 4])
+def test_samples_ending_apart_draw_alike_on_both_steps_across_slides(settings, num_samples):
+    """Samples that end before, across and after the window's slides (a 32-token window, 70 tokens), on the
+    shrinking batch and on the fixed shape (every row stays, over each visible length in turn)."""
+    model, ends = tiny_model(32), (70, 3, 33, 17)[:num_samples]
+    runs = []
+    for static in (False, True):
+        samples = [EndsAfter(length) for length in ends]
+        list(generate_ids(model, [1, 2, 3], SamplingSettings(text_size=70, **settings), samples,
+                          torch.Generator().manual_seed(num_samples), [0], static=static))
+        runs.append([sample.ids for sample in samples])
+    assert runs[0] == runs[1] and [len(ids) for ids in runs[0]] == list(ends)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["shrinking", "fixed shape"])
+def test_greedy_samples_ending_apart_equal_argmax_of_full_forwards(static):
+    """Each sample's tokens, ended by length at its own step or by the end token, are the full recompute's."""
+    model = tiny_model(64)
+    want = argmax_by_full_forwards(model, [1, 2, 3], 55, None, [0])
+    end_id = want[40]
+    samples = [TokenList(end_id), EndsAfter(4), EndsAfter(21), TokenList()]
+    list(generate_ids(model, [1, 2, 3], SamplingSettings(temperature=0, text_size=55), samples, suppress=[0],
+                      static=static))
+    assert [sample.ids for sample in samples] == [want[:want.index(end_id)], want[:4], want[:21], want]
+
+
+def test_a_decoding_step_makes_its_attention_mask_once_not_in_every_layer():
+    """A boolean mask is turned into an additive one by attention in each layer (a kernel per layer on CUDA)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from kogpt2.generation.decoding_step import GraphStep
+
+    class Counted(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.wheres = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.wheres += func.overloadpacket is torch.ops.aten.where
+            return func(*args, **kwargs or {})
+
+    from kogpt2.model.gpt import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=300, n_positions=32, n_embd=48, n_layer=6, n_head=4)).eval()
+    step = GraphStep(model, model.kv_cache(2, 32))
+    with torch.no_grad(), Counted() as counted:
+        step(torch.tensor([5, 6]), [3, 9])
+    assert counted.wheres == 1

@@ -1,8 +1,8 @@
-"""What only a GPU can show: a real CUDA graph captured once and equal to eager decoding (the CLI's and the server's
-batch), a compiled step that
-compiles once, fp16's gradient scaler skipping an overflowing step, FlexAttention's fused kernel equal to the dense
-mask in bf16, and the attention kernel measured on Hopper. Run with ``pytest -m gpu`` on a machine with CUDA
-(``bench/gpu_check.py`` does); skipped elsewhere."""
+"""What only a GPU can show: real CUDA graphs captured once per visible length and equal to eager decoding (the CLI's
+and the server's batch), the drawn tokens' pinned copies, a compiled step that compiles once, fp16's gradient scaler
+skipping an overflowing step, FlexAttention's fused kernel equal to the dense mask in bf16, and the attention kernel
+measured on Hopper. Run with ``pytest -m gpu`` on a machine with CUDA (``bench/gpu_check.py`` does); skipped
+elsewhere."""
 import json
 
 import pytest
@@ -30,13 +30,40 @@ def draw(model, batch: int, static: bool) -> list[list[int]]:
     return [sample.ids for sample in samples]
 
 
-def test_graph_decoding_is_captured_once_and_equals_eager(cuda_model):
+def test_graph_decoding_is_captured_once_per_visible_length_and_equals_eager(cuda_model):
     from kogpt2.generation.decoding_step import graph_step
 
     for _ in range(3):
         assert draw(cuda_model, 2, True) == draw(cuda_model, 2, False)
     step = graph_step(cuda_model, 2)
-    assert step.graph is not None and step.captures == 1
+    assert sorted(step.graphs) == [16, 32, 64, 128] and step.captures == 4
+
+
+def test_sampled_tokens_read_through_pinned_copies_equal_the_eager_steps(cuda_model, monkeypatch):
+    """Replayed graphs with the next step queued before each read give the tokens of the same steps run eagerly,
+    for sampled rows that end apart; every read waits on a pinned copy's event."""
+    from test_generator import EndsAfter
+
+    import kogpt2.generation.engine as engine
+    from kogpt2.defaults import SamplingSettings
+    from kogpt2.generation.decoding_step import graph_step
+
+    pinned, read = [], engine.HostCopy.read
+    monkeypatch.setattr(engine.HostCopy, "read", lambda drawn: pinned.append(drawn.values.is_pinned()) or
+                        read(drawn))
+    settings = SamplingSettings(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.2, text_size=150)
+
+    def run() -> list[list[int]]:
+        samples = [EndsAfter(length) for length in (150, 9, 70)]
+        list(engine.generate_ids(cuda_model, [1, 5, 6], settings, samples, torch.Generator("cuda").manual_seed(0),
+                                 static=True))
+        return [sample.ids for sample in samples]
+
+    replayed = run()
+    step = graph_step(cuda_model, 3)
+    assert step.graphs and all(pinned)
+    step.capture, step.graphs = False, {}
+    assert run() == replayed
 
 
 def test_the_servers_batch_replays_one_graph_and_draws_as_eager(cuda_model):
@@ -61,7 +88,7 @@ def test_the_servers_batch_replays_one_graph_and_draws_as_eager(cuda_model):
         assert all(c.done.wait(60) for c in collected)
         got[static] = [c.texts for c in collected]
         if static:
-            assert batcher.graph.graph is not None and batcher.graph.captures == 1
+            assert batcher.graph.captures == len(batcher.graph.graphs) > 1
     assert got[True] == got[False]
 
 

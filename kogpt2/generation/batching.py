@@ -70,11 +70,11 @@ class Running:
 
     def draw(self) -> set[int]:
         """Draw each going sample's next token and emit what it produced; return the rows whose sample ended."""
-        tokens = self.draws.next_tokens(self.logits)
+        tokens = self.draws.draw(self.logits)
         top = self.request.logprobs
         scores = _scores(self.logits, tokens, top) if top is not None else None
         ended = set()
-        for row, (index, token) in enumerate(zip(self.going, self.draws.newest)):
+        for row, (index, token) in enumerate(zip(self.going, self.draws.take())):
             sample = self.samples[index]
             done = sample.push(token)
             if scores is not None:  # the end token too: a scorer reading one new token must get one
@@ -302,8 +302,7 @@ class Batcher:
         if self.graph is not None:  # every row; a free one writes into its own first slot, unread
             padded = torch.zeros(self.max_batch, dtype=torch.long, device=device)
             padded[:rows] = tokens
-            positions = torch.tensor(self.positions + [0] * (self.max_batch - rows), device=device)
-            logits = self.graph(padded, positions)[:rows]
+            logits = self.graph(padded, self.positions + [0] * (self.max_batch - rows))[:rows]
         else:
             positions = torch.tensor(self.positions, device=device).view(-1, 1)  # [rows, 1]
             cache = self.cache.view(rows, max(self.positions) + 1)

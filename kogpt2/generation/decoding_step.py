@@ -1,5 +1,6 @@
 """One decoding step of the model on the fastest kernels each device has: oneDNN's matmul for fp32 on the CPU, and
-on CUDA a fixed-shape step captured once as a CUDA graph. Both give the logits of the plain forward."""
+on CUDA a fixed-shape step captured once (per visible length) as a CUDA graph. Both give the logits of the plain
+forward."""
 from __future__ import annotations
 
 import weakref
@@ -77,13 +78,26 @@ class DecodingStep:
         return nullcontext()
 
 
+def visible_lengths(n_positions: int) -> list[int]:
+    """The slots a fixed-shape step may attend over: the whole window and its half, quarter and eighth (128, 256,
+    512 and 1,024 for GPT-2's window), so a short text's step reads an eighth of the cache, not all of it."""
+    return sorted({max(1, n_positions >> halvings) for halvings in range(4)})
+
+
+def visible_length(furthest: int, lengths: list[int]) -> int:
+    """The smallest of ``lengths`` (ascending) that holds slot ``furthest``."""
+    return next(length for length in lengths if furthest < length)
+
+
 class GraphStep:
     """One fixed-shape decoding step over a cache of the model's whole window, each row at its own position, with
     the tokens and positions in fixed buffers; on CUDA captured once as a CUDA graph and replayed for every token
     (one launch instead of ~150 kernel launches, which otherwise cost more host time than the GPU needs to run
-    them). Where capturing fails, the same step runs eagerly. ``graph_step`` keeps one per model, batch size, dtype
-    and device, so a capture (which synchronises and empties the allocator's cache) happens once, not on every
-    prompt; a server's batch keeps its own over its own cache."""
+    them). A step attends over the fewest slots that hold every row's position (``visible_lengths``: one graph
+    each, all over views of the one cache). Where capturing fails, the same step runs eagerly. ``graph_step`` keeps
+    one per model, batch size, dtype and device, so a capture (which synchronises and empties the allocator's
+    cache) happens once per visible length, not on every prompt; a server's batch keeps its own over its own
+    cache."""
 
     def __init__(self, model: GPT, cache: KVCache) -> None:
         self.model = weakref.ref(model)  # kept per model in a weak map: the step must not keep its model alive
@@ -91,42 +105,48 @@ class GraphStep:
         batch, device = cache.buffer.shape[2], cache.buffer.device
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.input_pos = torch.zeros(batch, 1, dtype=torch.long, device=device)  # each row's slot
-        self.capture, self.graph, self.logits = device.type == "cuda", None, None
+        self.views = {length: cache.view(batch, length) for length in visible_lengths(cache.capacity)}
+        self.capture = self.pinned = device.type == "cuda"
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}  # each graph's output
         self.captures = 0
 
-    def _forward(self) -> torch.Tensor:
-        return last_logits(self.model(), self.token, self.input_pos, self.cache)
+    def _forward(self, visible: int) -> torch.Tensor:
+        return last_logits(self.model(), self.token, self.input_pos, self.views[visible])
 
-    def __call__(self, tokens: torch.Tensor, positions: int | torch.Tensor) -> torch.Tensor:
-        """Logits [batch, vocab] after ``tokens`` [batch], written at slot ``positions`` (one for all rows, or
-        [batch])."""
+    def __call__(self, tokens: torch.Tensor, positions: int | list[int]) -> torch.Tensor:
+        """Logits [batch, vocab] after ``tokens`` [batch], written at slot ``positions`` (one for all rows, or one
+        per row; known on the host, so choosing the visible length waits for nothing on the device)."""
         self.token.copy_(tokens.view(-1, 1))
         if isinstance(positions, int):
             self.input_pos.fill_(positions)
-        else:
-            self.input_pos.copy_(positions.view(-1, 1))
-        if self.capture and self.graph is None:
-            self._capture()
-        if self.graph is not None:
-            self.graph.replay()
-            return self.logits.clone()
-        return self._forward()
+            furthest = positions
+        else:  # through pinned memory: the copy is queued, not waited for
+            self.input_pos.copy_(torch.tensor(positions, pin_memory=self.pinned).view(-1, 1), non_blocking=True)
+            furthest = max(positions)
+        visible = visible_length(furthest, list(self.views))
+        if self.capture and visible not in self.graphs:
+            self._capture(visible)
+        if visible in self.graphs:
+            self.graphs[visible].replay()
+            return self.logits[visible].clone()
+        return self._forward(visible)
 
-    def _capture(self) -> None:
+    def _capture(self, visible: int) -> None:
         self.captures += 1
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm up (rewrites this step's own slot with the same values)
-                self._forward()
+                self._forward(visible)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             # thread_local: a capture must not trip other threads' CUDA calls (a server's, or NCCL's under torchrun)
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self.logits = self._forward()
-            self.graph = graph
+                self.logits[visible] = self._forward(visible)
+            self.graphs[visible] = graph
         except RuntimeError:
-            self.capture, self.graph = False, None
+            self.capture = False
 
 
 _GRAPH_STEPS: "weakref.WeakKeyDictionary[GPT, dict[tuple, GraphStep]]" = weakref.WeakKeyDictionary()

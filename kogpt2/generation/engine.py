@@ -14,6 +14,7 @@ from ..corpus.tokenizer import Tokenizer, encode_with_special_tokens
 from ..defaults import TRAINING_SAMPLE, TRAINING_SAMPLE_QUESTION, SamplingSettings
 from ..errors import KoGPT2Error
 from ..model.gpt import GPT
+from ..runtime import HostCopy
 from .decoding_step import DecodingStep, graph_step
 from .sampling import (apply_logit_bias, apply_presence_frequency, apply_repetition_penalty, block_repeated_ngrams,
                        sample_next)
@@ -29,10 +30,11 @@ class Decoder:
     to write, passed to every model call (as gpt-fast passes ``input_pos``)."""
 
     def __init__(self, model: GPT, batch: int, slots: int, static: bool) -> None:
-        """``static``: fixed-shape steps over the model's whole window, replayed as a CUDA graph on CUDA (the
-        model's one ``GraphStep`` for this batch size, so one such decoding at a time per model and batch size: the
-        CLI and training samples each decode to the end before the next, and the server's batch has its own);
-        else a cache of ``slots`` for this call."""
+        """``static``: fixed-shape steps over a cache of the model's whole window (each attending over the fewest
+        slots that hold the position), replayed as CUDA graphs on CUDA (the model's one ``GraphStep`` for this
+        batch size, so one such decoding at a time per model and batch size: the CLI and training samples each
+        decode to the end before the next, and the server's batch has its own); else a cache of ``slots`` for this
+        call."""
         self.graph = graph_step(model, batch) if static else None
         self.cache = self.graph.cache if static else model.kv_cache(batch, slots)
         self.kernels = DecodingStep(model, batch)
@@ -92,7 +94,8 @@ class TokenList:
 class Draws:
     """The samples of one prompt as they are drawn: every row's tokens so far (for the n-gram block, the penalties
     and a slide of the window) and the one chain from a step's logits to the next tokens, so the CLI and the
-    server's batch draw alike for the same settings and seed."""
+    server's batch draw alike for the same settings and seed. A draw stays on the device (``draw``) until the
+    host takes its tokens (``take``), which it must do before the next draw (the n-gram block reads them)."""
 
     def __init__(self, prompt_ids: list[int], rows: int, settings: SamplingSettings, rng: torch.Generator | None,
                  suppress: list[int], device: torch.device, logit_bias: dict[int, float] | None = None) -> None:
@@ -106,9 +109,11 @@ class Draws:
         self.seen = torch.tensor(self.rows, device=device) if settings.repetition_penalty != 1.0 else None
         self.counts: torch.Tensor | None = None
         self.counting = settings.presence_penalty != 0 or settings.frequency_penalty != 0
+        self.drawn: HostCopy | None = None
 
-    def next_tokens(self, logits: torch.Tensor) -> torch.Tensor:
-        """The next token of each row [rows], drawn from ``logits`` [rows, vocab], and taken into the rows."""
+    def draw(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next token of each row [rows], drawn from ``logits`` [rows, vocab] on the device; its copy to the
+        host is queued for ``take``."""
         s = self.settings
         if self.seen is not None:
             logits = apply_repetition_penalty(logits, self.seen, s.repetition_penalty)
@@ -121,18 +126,20 @@ class Draws:
         if len(self.blocked):
             logits = logits.index_fill(1, self.blocked, float("-inf"))
         tokens = sample_next(logits, s.temperature, s.top_k, s.top_p, self.rng)  # [rows]
-        for row, token in zip(self.rows, tokens.tolist()):
-            row.append(token)
+        self.drawn = HostCopy(tokens)
         if self.seen is not None:
             self.seen = torch.cat([self.seen, tokens.view(-1, 1)], dim=1)
         if self.counts is not None:
             self.counts.scatter_add_(1, tokens.view(-1, 1), torch.ones_like(tokens, dtype=torch.int32).view(-1, 1))
         return tokens
 
-    @property
-    def newest(self) -> list[int]:
-        """Each row's token just drawn (read from the device once, when it was taken into the rows)."""
-        return [row[-1] for row in self.rows]
+    def take(self) -> list[int]:
+        """Each row's token of the last draw, read from the device (the host waits here, once per draw) and taken
+        into the rows."""
+        tokens = self.drawn.read()
+        for row, token in zip(self.rows, tokens):
+            row.append(token)
+        return tokens
 
     def keep(self, kept: list[int]) -> None:
         """Only these rows draw on (their samples go on)."""
@@ -151,11 +158,13 @@ def generate_ids(model: GPT, prompt_ids: list[int], settings: SamplingSettings, 
     """Draw tokens for ``samples``, all continuing ``prompt_ids``, until each ends or has ``text_size`` tokens;
     yield a sample's index each time it has taken a token.
 
-    A sample that ends leaves the batch at once, so it costs no further steps and feeds no penalty (with fixed-shape
-    steps its row runs on, unread). ``suppress`` lists token ids never to produce (see ``never_generated``).
-    ``static`` (default: on CUDA) decodes with fixed-shape steps replayed as a CUDA graph; the tokens are the same
-    either way. Sampling stays on the device; the one host sync per token is reading the new tokens. Past the
-    model's positions the context slides: the cache is rebuilt from the newest half of the text.
+    A sample that ends leaves the batch after one more step (run before the host knew it ended, then discarded), so
+    it costs no further steps and feeds no penalty (with fixed-shape steps its row runs on, unread). ``suppress``
+    lists token ids never to produce (see ``never_generated``). ``static`` (default: on CUDA) decodes with
+    fixed-shape steps replayed as CUDA graphs; the tokens are the same either way. Sampling stays on the device;
+    the one host sync per token is reading the new tokens, and the next step is queued before it, so the device
+    computes while the host waits, pushes the tokens to the samples and decides which end. Past the model's
+    positions the context slides: the cache is rebuilt from the newest half of the text.
     """
     if not prompt_ids:
         raise KoGPT2Error("a prompt needs at least one token")
@@ -178,27 +187,29 @@ def generate_ids(model: GPT, prompt_ids: list[int], settings: SamplingSettings, 
         return full.index_copy(0, rows, going)
 
     logits = decoder.prefill(torch.tensor(draws.rows, device=device))  # [batch, vocab]
-    for _ in range(settings.text_size):
-        tokens = draws.next_tokens(logits)  # [going]
+    for drawn in range(1, settings.text_size + 1):
+        tokens = draws.draw(logits)  # [going], on the device
+        last = drawn == settings.text_size
+        # queued before the host reads the tokens; a full cache slides instead, once the host has them
+        ahead = None if last or decoder.full else decoder.step(whole_batch(tokens))  # [decoder's batch, vocab]
         ended = set()
-        for row, token in enumerate(draws.newest):
+        for row, token in enumerate(draws.take()):
             if samples[owner[row]].push(token):
                 ended.add(row)
             yield owner[row]
-        if len(ended) == len(owner):
+        if last or len(ended) == len(owner):
             return
         if ended:  # an ended sample leaves: it draws no more and feeds no penalty
             kept = [row for row in range(len(owner)) if row not in ended]
-            index = torch.tensor(kept, device=device)
             draws.keep(kept)
-            owner, tokens, rows = [owner[r] for r in kept], tokens[index], rows[index]
-            if decoder.keep_rows(rows):
-                rows = torch.arange(len(kept), device=device)
-        if decoder.full:  # slide: the newest half of the text becomes the new prompt
+            owner, rows = [owner[r] for r in kept], rows[torch.tensor(kept, device=device)]
+        if ahead is not None:
+            logits = ahead[rows]
+        if ended and decoder.keep_rows(rows):
+            rows = torch.arange(len(rows), device=device)
+        if ahead is None:  # slide: the newest half of the text becomes the new prompt
             newest = torch.tensor([row[-(window // 2):] for row in draws.rows], device=device)
             logits = decoder.prefill(whole_batch(newest))[rows]
-        else:
-            logits = decoder.step(whole_batch(tokens))[rows]
 
 
 class TextStream:

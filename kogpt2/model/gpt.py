@@ -212,14 +212,17 @@ class GPT(nn.Module):
         return steps - first, causal & (segments[:, None, :, None] == segments[:, None, None, :])
 
     def _mask(self, input_pos: torch.Tensor, slots: int, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """[batch or 1, 1, time, slots]: each query sees the slots up to its own, less padding."""
+        """[batch or 1, 1, time, slots], added to the attention scores: 0 where a query sees a slot (those up to its
+        own, less padding), -inf elsewhere. Made once per forward in the weights' dtype: from a boolean mask
+        attention would make it again in every layer (12 small kernels more per decoding step)."""
         mask = self.causal[input_pos, :slots].unsqueeze(-3)  # [1 or B, 1, T, slots] (broadcast: [1, T, slots])
-        if attention_mask is None:
-            return mask
-        real = F.pad(attention_mask.bool(), (0, slots - attention_mask.shape[1]))  # [B, slots]
-        # A padding query with no real key before it would softmax over nothing (NaN): let it see itself.
-        own = torch.arange(slots, device=input_pos.device) == input_pos[:, None]  # [T, slots]
-        return (mask & real[:, None, None, :]) | own
+        if attention_mask is not None:
+            real = F.pad(attention_mask.bool(), (0, slots - attention_mask.shape[1]))  # [B, slots]
+            # A padding query with no real key before it would softmax over nothing (NaN): let it see itself.
+            own = torch.arange(slots, device=input_pos.device) == input_pos[:, None]  # [T, slots]
+            mask = (mask & real[:, None, None, :]) | own
+        dtype = self.lm_head.weight.dtype
+        return torch.where(mask, torch.zeros((), dtype=dtype), torch.full((), float("-inf"), dtype=dtype))
 
     def kv_cache(self, batch_size: int, slots: int) -> KVCache:
         """An empty cache for ``batch_size`` rows of up to ``slots`` tokens, on the weights' device and dtype."""
