@@ -88,3 +88,24 @@ def test_logit_bias_adds_to_its_tokens_only():
     assert out.tolist() == [[0.0, 2.5, 0.0, -100.0]] * 2
     forced = apply_logit_bias(logits, torch.tensor([2]), torch.tensor([100.0]))
     assert sample_next(forced, 1.0, 0, 1.0, torch.Generator().manual_seed(0)).tolist() == [2, 2]
+
+
+def test_draw_one_draws_what_multinomial_draws_without_waiting_for_the_device():
+    """The same index as torch.multinomial(probs, 1) from the same generator state, row by row, zeros included:
+    seeded text does not change; only multinomial's host-side checks are gone (``drawable`` replaces them)."""
+    from kogpt2.generation.sampling import draw_one
+
+    for seed in range(50):
+        probs = torch.rand(4, 300, generator=torch.Generator().manual_seed(1000 + seed)) ** 4
+        probs[:, ::3] = 0  # impossible tokens
+        probs /= probs.sum(-1, keepdim=True)
+        want = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed)).squeeze(-1)
+        assert torch.equal(draw_one(probs, torch.Generator().manual_seed(seed)), want)
+
+
+def test_drawable_marks_rows_with_no_distribution():
+    from kogpt2.generation.sampling import drawable
+
+    inf = float("inf")
+    logits = torch.tensor([[0.0, 1.0, -inf], [float("nan"), 0.0, 0.0], [inf, 0.0, 0.0], [-inf, -inf, -inf]])
+    assert drawable(logits).tolist() == [True, False, False, False]

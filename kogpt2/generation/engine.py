@@ -16,8 +16,8 @@ from ..errors import KoGPT2Error
 from ..model.gpt import GPT
 from ..runtime import HostCopy
 from .decoding_step import DecodingStep, graph_step
-from .sampling import (apply_logit_bias, apply_presence_frequency, apply_repetition_penalty, block_repeated_ngrams,
-                       sample_next)
+from .sampling import (GREEDY_BELOW, apply_logit_bias, apply_presence_frequency, apply_repetition_penalty,
+                       block_repeated_ngrams, drawable, sample_next)
 
 
 def never_generated(tokenizer: Tokenizer) -> list[int]:
@@ -126,7 +126,8 @@ class Draws:
         if len(self.blocked):
             logits = logits.index_fill(1, self.blocked, float("-inf"))
         tokens = sample_next(logits, s.temperature, s.top_k, s.top_p, self.rng)  # [rows]
-        self.drawn = HostCopy(tokens)
+        # a row with no distribution to draw from reaches the host as -1 (the device keeps a valid id)
+        self.drawn = HostCopy(tokens if s.temperature < GREEDY_BELOW else torch.where(drawable(logits), tokens, -1))
         if self.seen is not None:
             self.seen = torch.cat([self.seen, tokens.view(-1, 1)], dim=1)
         if self.counts is not None:
@@ -137,6 +138,9 @@ class Draws:
         """Each row's token of the last draw, read from the device (the host waits here, once per draw) and taken
         into the rows."""
         tokens = self.drawn.read()
+        if min(tokens) < 0:
+            raise KoGPT2Error("the model's next-token scores are not numbers (NaN or infinite), so nothing can be "
+                              "drawn: its weights are damaged or overflow this precision; try --dtype fp32")
         for row, token in zip(self.rows, tokens):
             row.append(token)
         return tokens

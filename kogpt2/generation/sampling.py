@@ -75,6 +75,19 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     logits = apply_temperature(logits.float(), temperature)
     if 0 < top_k < logits.shape[-1]:
         candidates, ids = torch.topk(logits, top_k, dim=-1)
-        choice = torch.multinomial(top_p_filter(candidates, top_p).softmax(dim=-1), 1, generator=generator)
-        return ids.gather(-1, choice).squeeze(-1)
-    return torch.multinomial(top_p_filter(logits, top_p).softmax(dim=-1), 1, generator=generator).squeeze(-1)
+        choice = draw_one(top_p_filter(candidates, top_p).softmax(dim=-1), generator)
+        return ids.gather(-1, choice[:, None]).squeeze(-1)
+    return draw_one(top_p_filter(logits, top_p).softmax(dim=-1), generator)
+
+
+def draw_one(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of ``probs`` [batch, n], drawn as ``torch.multinomial(probs, 1)`` draws it (a race of
+    exponential clocks: the same indices from the same generator), without its checks of the distribution, which
+    make the host wait for the device on CUDA at every token; ``drawable`` is that check, left on the device."""
+    return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(dim=-1)  # [batch]
+
+
+def drawable(logits: torch.Tensor) -> torch.Tensor:
+    """[batch]: True where a row's softmax is a distribution (no NaN, no +inf, some token allowed)."""
+    broken = (logits.isnan() | (logits == float("inf"))).any(dim=-1)
+    return ~broken & (logits > float("-inf")).any(dim=-1)
