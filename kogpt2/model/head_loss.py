@@ -40,7 +40,7 @@ def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor,
     loss = ((log_z - logits[rows, targets.clamp(min=0)]) * valid).sum()
     if not need_grad:
         return loss, None
-    softmax = torch.exp(logits.sub_(log_z[:, None]))  # [rows, vocab]
+    softmax = logits.sub_(log_z[:, None]).exp_()  # [rows, vocab]
     softmax[rows, targets.clamp(min=0)] -= 1
     return loss, softmax.mul_(valid[:, None])
 
@@ -116,7 +116,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         extra = padded_vocab(vocab, vocab_multiple) - vocab
         with torch.autocast(device, enabled=False):
             h = hidden.to(dtype)
-            w = F.pad(weight.to(dtype), (0, 0, 0, extra))  # [padded vocab, C], zero rows after the real words
+            w = F.pad(weight.to(dtype), (0, 0, 0, extra)) if extra else weight.to(dtype)  # [padded vocab, C]
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             grad_hidden = []
             grad_weight = torch.zeros(w.shape, dtype=torch.float32, device=hidden.device) \
