@@ -14,6 +14,13 @@ def test_serve_benchmark_smoke():
     assert "served:" in result.stdout and "64 clients, line of 16:" in result.stdout
 
 
+def test_head_memory_benchmark_smoke():
+    result = subprocess.run([sys.executable, "bench/head_memory.py", "--smoke"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "chunked / plain:" in result.stdout
+
+
 @pytest.mark.slow
 def test_gpu_check_smoke_runs_every_contender():
     """Training (eager, compiled) for transformers and ours, decoding on the fixed-shape path, main.py end to end,

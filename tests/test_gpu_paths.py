@@ -162,6 +162,33 @@ def test_the_compiled_training_step_is_one_graph(mode):
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_the_compiled_forward_and_backward_is_one_graph_with_eagers_loss_and_gradients(frozen_head):
+    """The head's loss as CUDA compiles it (chunks, the vocabulary padded to 128) traces whole, backward included,
+    and gives what the CPU's eager path gives; frozen: a LoRA run's head."""
+    from kogpt2.model.gpt import GPT, GPTConfig
+    from kogpt2.model.head_loss import IGNORE_INDEX
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=300, n_positions=64, n_embd=48, n_layer=2, n_head=4, dropout=0.0)).train()
+    model.transformer.wte.weight.requires_grad_(not frozen_head)
+    ids, targets = torch.randint(0, 300, (4, 32)), torch.randint(0, 300, (4, 32))
+    targets[:, :5] = IGNORE_INDEX
+    runs = []
+    for compiled in (False, True):
+        model.plain_autograd, model.vocab_multiple = compiled, 128 if compiled else 1
+        forward = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager") if compiled else model
+        model.zero_grad(set_to_none=True)
+        loss = forward(ids, targets=targets)  # fullgraph: a graph break would raise
+        loss.backward()
+        runs.append((loss.detach(), [p.grad for p in model.parameters()]))
+    (want, want_grads), (got, got_grads) = runs
+    assert torch.allclose(got, want, rtol=1e-5)
+    assert (model.transformer.wte.weight.grad is None) == frozen_head
+    assert all((g is None and w is None) or torch.allclose(g, w, atol=1e-6, rtol=1e-4)
+               for g, w in zip(got_grads, want_grads, strict=True))
+
+
 def test_a_global_batch_smaller_than_the_world_gives_every_rank_rows():
     """Flash attention rejects a batch of 0 rows: a rank whose share is empty gets an ignored row instead."""
     from kogpt2.corpus.packing import PackedData

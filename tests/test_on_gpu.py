@@ -1,8 +1,8 @@
 """What only a GPU can show: real CUDA graphs captured once per visible length and equal to eager decoding (the CLI's
 and the server's batch), the drawn tokens' pinned copies, a compiled step that compiles once, fp16's gradient scaler
-skipping an overflowing step, FlexAttention's fused kernel equal to the dense mask in bf16, and the attention kernel
-measured on Hopper. Run with ``pytest -m gpu`` on a machine with CUDA (``bench/gpu_check.py`` does); skipped
-elsewhere."""
+skipping an overflowing step, FlexAttention's fused kernel equal to the dense mask in bf16, the attention kernel
+measured on Hopper, and the head's chunked bf16 loss equal to the plain one in a fraction of its memory. Run with
+``pytest -m gpu`` on a machine with CUDA (``bench/gpu_check.py`` does); skipped elsewhere."""
 import json
 
 import pytest
@@ -175,3 +175,34 @@ def test_chat_training_compiled_on_cuda_is_one_graph(tmp_path):
                     "--dropout", 0, "--val_ratio", 0, "--compile", "on", "--precision", "bf16",
                     "--save_path", tmp_path) == 0
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+
+
+def test_the_heads_chunked_bf16_loss_equals_the_plain_one_in_a_fraction_of_its_memory():
+    """16 x 1024 tokens over v1's 50,000 words (padded to 50,048 inside) under bf16 autocast: the loss and gradients
+    of the plain head and cross-entropy, without its [tokens, vocab] fp32 copies (some 3.3 GB each)."""
+    import torch.nn.functional as F
+
+    from kogpt2.model.head_loss import IGNORE_INDEX, chunked_cross_entropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(16 * 1024, 768, device="cuda", requires_grad=True)
+    weight = (torch.randn(50_000, 768, device="cuda") * 0.05).requires_grad_()
+    targets = torch.randint(0, 50_000, (16 * 1024,), device="cuda")
+    targets[::7] = IGNORE_INDEX
+    forms = {"plain": lambda: F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=IGNORE_INDEX,
+                                              reduction="sum"),
+             "chunked": lambda: chunked_cross_entropy(hidden, weight, targets, 128)}
+    results, peaks = {}, {}
+    for name, form in forms.items():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = form()
+        results[name] = (loss.detach(), torch.autograd.grad(loss, (hidden, weight)))
+        peaks[name] = torch.cuda.max_memory_allocated() - start
+    (want, want_grads), (got, got_grads) = results["plain"], results["chunked"]
+    assert torch.allclose(got, want, rtol=1e-3)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert g.shape == w.shape and torch.allclose(g, w, atol=1e-2 * w.abs().max().item(), rtol=1e-2)
+    assert peaks["chunked"] < peaks["plain"] / 4, peaks

@@ -16,7 +16,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 from ..errors import KoGPT2Error
 from .config import ACTIVATIONS, GPTConfig
-from .head_loss import linear_cross_entropy, plain_cross_entropy
+from .head_loss import chunked_cross_entropy, linear_cross_entropy
 from .kv_cache import KVCache
 from .tied_grad import TiedGradient
 
@@ -100,12 +100,15 @@ class GPT(nn.Module):
         n = config.n_positions
         self.register_buffer("causal", torch.ones(n, n, dtype=torch.bool).tril(), persistent=False)  # [query, key]
         self.grad_checkpoint = False  # training may recompute each block in the backward pass instead of storing it
-        # True: the tied weight's gradient and the head's loss go through plain autograd, as on CUDA; the CPU's
-        # in-place paths (tied_grad.py, loss.py) save memory but break a torch.compile graph.
+        # True: the tied weight's gradient goes through plain autograd and the head's loss through its traceable
+        # chunked form, as on CUDA; the CPU's in-place paths (tied_grad.py, head_loss.py) break a torch.compile graph.
         self.plain_autograd = False
         # True: chat batches attend through FlexAttention with a block mask, as on CUDA, instead of SDPA with a dense
         # [batch, 1, time, time] mask (which rules out flash attention); tests set it to check that path on the CPU.
         self.flex_attention = False
+        # The loss's head pads the vocabulary to a multiple of this, inside its computation only (CUDA: 128, whole
+        # tensor-core tiles); parameters, checkpoints and the logits forward returns keep vocab_size.
+        self.vocab_multiple = 1
         self.tied_grad = TiedGradient(self.transformer.wte.weight)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
@@ -136,7 +139,7 @@ class GPT(nn.Module):
             return self.lm_head(hidden)
         hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # [B*T, n_embd], [B*T]
         if self.plain_autograd or hidden.device.type == "cuda":
-            return plain_cross_entropy(hidden, self.lm_head.weight, targets)
+            return chunked_cross_entropy(hidden, self.lm_head.weight, targets, self.vocab_multiple)
         return linear_cross_entropy(hidden, self.lm_head.weight, targets, self.tied_grad)
 
     def hidden_states(

@@ -31,7 +31,7 @@ from ..defaults import (
 from ..errors import KoGPT2Error
 from ..generation.engine import fixed_sample
 from ..model.gpt import GPT
-from ..model.head_loss import IGNORE_INDEX
+from ..model.head_loss import IGNORE_INDEX, VOCAB_MULTIPLE
 from ..runtime import AttentionChoice, HostCopy, choose_attention_kernel, sum_dtype
 from ..store.checkpoint import (
     BEST_NAME,
@@ -102,6 +102,7 @@ class Trainer:
         self.device = next(model.parameters()).device
         model.grad_checkpoint = settings.grad_checkpoint
         self.attention = self._choose_attention_kernel()
+        model.vocab_multiple = VOCAB_MULTIPLE if self.device.type == "cuda" else 1
         model.tied_grad.in_place = not world.active  # DDP's hooks need every gradient to flow through autograd
         self.ddp = None
         if world.active:
@@ -109,8 +110,8 @@ class Trainer:
 
             self.ddp = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.eager_model = self.ddp or model
-        # Compiled, the step is one graph of fixed shapes: plain autograd for the tied weight and the head's loss
-        # (Dynamo cannot trace the CPU's in-place paths), and every batch padded to the same rows.
+        # Compiled, the step is one graph of fixed shapes: plain autograd for the tied weight, the head's traceable
+        # chunked loss (Dynamo cannot trace the CPU's in-place paths), and every batch padded to the same rows.
         model.plain_autograd = settings.compile
         self.forward_model = torch.compile(self.eager_model, dynamic=False) if settings.compile else self.eager_model
         self.compile_checked = not settings.compile
