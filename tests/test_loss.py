@@ -135,3 +135,28 @@ def test_vocabulary_padding_is_invisible_outside_the_heads_loss():
     assert all(optimizer.state[p]["exp_avg"].shape == p.shape for p in model.parameters())
     assert {name: tensor.shape for name, tensor in model.state_dict().items()} == shapes
     assert model(ids).shape == (3, 20, 300)
+
+
+@pytest.mark.parametrize("form", ["cpu", "chunked"])
+def test_evaluation_forms_no_gradients(form):
+    """Under no_grad (validation, ``kogpt2.evaluate``) the head's loss runs its one matmul per chunk, not the three
+    of a training step, and gives the same loss."""
+    class CountedMatmuls(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountedMatmuls.count += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(64, 16, requires_grad=True), torch.randn(300, 16, requires_grad=True)
+    targets = torch.randint(0, 300, (64,))
+    loss = linear_cross_entropy if form == "cpu" else chunked_cross_entropy
+    counts = []
+    for grad in (True, False):
+        CountedMatmuls.count = 0
+        with torch.set_grad_enabled(grad), CountedMatmuls():
+            value = loss(hidden, weight, targets)
+        counts.append((CountedMatmuls.count, value.item()))
+    (training, trained_value), (evaluating, evaluated_value) = counts
+    assert evaluating == 1 and training == 3 and evaluated_value == trained_value

@@ -47,13 +47,14 @@ def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor,
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, tied) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, tied,
+                grads: bool) -> torch.Tensor:
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-        need_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        need_grads = grads and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         # A frozen head (LoRA) gets no gradient: no [vocab, C] matmul, no .grad in the kept buffer, and no whole
         # d(loss)/d(logits) either: each chunk's turns into its rows of d(loss)/d(hidden) at once.
-        ctx.weight_grad = ctx.needs_input_grad[1]
+        ctx.weight_grad = grads and ctx.needs_input_grad[1]
         chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
         with torch.autocast(device, enabled=False):
             h, w = hidden.to(dtype), weight.to(dtype)
@@ -87,12 +88,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.in_place:
             grad_hidden, grad_logits, h = ctx.saved_tensors
             ctx.tied.accumulator().addmm_(grad_logits.t(), h, alpha=grad_total.item())
-            return grad_hidden.mul_(grad_total), None, None, None
+            return grad_hidden.mul_(grad_total), None, None, None, None
         if not ctx.weight_grad:
             (grad_hidden,) = ctx.saved_tensors
-            return grad_hidden.mul_(grad_total), None, None, None
+            return grad_hidden.mul_(grad_total), None, None, None, None
         grad_hidden, grad_weight = ctx.saved_tensors  # formed for this one backward: scale them in place
-        return grad_hidden.mul_(grad_total), grad_weight.mul_(grad_total), None, None
+        return grad_hidden.mul_(grad_total), grad_weight.mul_(grad_total), None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -104,12 +105,15 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     d(loss)/d(logits) [tokens, vocab] for two large matmuls, and Dynamo cannot trace the in-place gradient
     (``chunked_cross_entropy`` is the compiled and CUDA form).
     """
-    return _LinearCrossEntropy.apply(hidden, weight, targets, tied)
+    # grad mode is passed in: a Function's forward always runs without it, and needs_input_grad ignores it, so
+    # evaluation (under no_grad) would form every gradient
+    return _LinearCrossEntropy.apply(hidden, weight, targets, tied, torch.is_grad_enabled())
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_multiple: int):
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_multiple: int,
+                grads: bool):
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         vocab = weight.shape[0]
@@ -120,8 +124,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             grad_hidden = []
             grad_weight = torch.zeros(w.shape, dtype=torch.float32, device=hidden.device) \
-                if ctx.needs_input_grad[1] else None  # summed over the chunks in fp32, as one matmul would
-            need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+                if grads and ctx.needs_input_grad[1] else None  # summed over the chunks in fp32, as one matmul would
+            need_grad = grads and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
             for start in range(0, len(targets), GPU_CHUNK_TOKENS):
                 h_chunk = h[start:start + GPU_CHUNK_TOKENS]  # [rows, C]
                 logits = (h_chunk @ w.t()).float()  # [rows, padded vocab]
@@ -142,7 +146,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_total, None if grad_weight is None else grad_weight * grad_total, None, None
+        return grad_hidden * grad_total, None if grad_weight is None else grad_weight * grad_total, None, None, None
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -159,4 +163,4 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     masked out of the softmax: the matmuls run on whole tensor-core tiles, and the parameter, its gradient and the
     loss are those of the real vocabulary.
     """
-    return _ChunkedCrossEntropy.apply(hidden, weight, targets, vocab_multiple)
+    return _ChunkedCrossEntropy.apply(hidden, weight, targets, vocab_multiple, torch.is_grad_enabled())
