@@ -325,7 +325,7 @@ def test_checkpoints_written_in_the_background_are_those_written_in_place(tmp_pa
             want, got = (load_checkpoint(tmp_path / run / name) for run in ("in_place", "background"))
             assert want.keys() == got.keys()
             for key in ("model_state_dict", "optimizer_state_dict", "progress", "rng"):
-                assert same_values(want[key], got[key]), (name, key)
+                assert_same_tensors(want[key], got[key])
             size = (tmp_path / "in_place" / name).stat().st_size
             assert abs((tmp_path / "background" / name).stat().st_size - size) < size // 100
 
@@ -349,12 +349,3 @@ def test_ctrl_c_while_a_checkpoint_is_written_in_the_background_keeps_it(tmp_pat
     assert "resume with --load_path" in capsys.readouterr().out
     assert not list(tmp_path.glob(".*.tmp"))
 
-
-def same_values(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same_values(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same_values(x, y) for x, y in zip(a, b))
-    return a == b
