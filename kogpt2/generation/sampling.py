@@ -34,14 +34,20 @@ def block_repeated_ngrams(logits: torch.Tensor, previous: list[list[int]], n: in
     """Forbid any token that would complete an n-gram already present in that row (0 = off)."""
     if n <= 0:
         return logits
-    logits = logits.clone()
+    rows, banned = [], []
     for row, ids in enumerate(previous):
         if len(ids) < n:
             continue
         prefix = tuple(ids[len(ids) - n + 1:]) if n > 1 else ()
-        banned = [ids[i + n - 1] for i in range(len(ids) - n + 1) if tuple(ids[i:i + n - 1]) == prefix]
-        logits[row, banned] = float("-inf")
-    return logits
+        tokens = [ids[i + n - 1] for i in range(len(ids) - n + 1) if tuple(ids[i:i + n - 1]) == prefix]
+        rows += [row] * len(tokens)
+        banned += tokens
+    if not rows:
+        return logits
+    # one copy of the whole index to the device, queued (a copy per row would make the host wait for the GPU)
+    index = torch.tensor([rows, banned], pin_memory=logits.is_cuda).to(logits.device, non_blocking=True)  # [2, k]
+    return logits.index_put((index[0], index[1]), torch.full((), float("-inf"), dtype=logits.dtype,
+                                                             device=logits.device))
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
