@@ -14,6 +14,10 @@ class KoGPT2Error(Exception):
     """A problem the user can fix: the message says what is wrong and what to do."""
 
 
+class WriteFailed(KoGPT2Error):
+    """A file could not be written (a full disk): the work stops there, even where a bad prompt would not."""
+
+
 def report_errors(work: Callable[[], int], interrupted: int = 130, interrupted_message: str | None = None) -> int:
     """Run a CLI's work: a KoGPT2Error becomes one ``error: ...`` line and exit code 2, never a traceback; output
     whose reader has gone (``| tee log``, then Ctrl-C) never stops the work."""
@@ -29,7 +33,7 @@ def report_errors(work: Callable[[], int], interrupted: int = 130, interrupted_m
             return interrupted
 
 
-def write_error(path: str | Path, error: OSError, then: str, what: str = "") -> KoGPT2Error:
+def write_error(path: str | Path, error: OSError, then: str, what: str = "") -> WriteFailed:
     """A write that failed, as one line: the file, why (a full disk says how much room is left, and where) and
     what to do; ``then`` says how to go on once that is done (e.g. "resume with --load_path ...")."""
     path = Path(path)
@@ -43,7 +47,7 @@ def write_error(path: str | Path, error: OSError, then: str, what: str = "") -> 
         fix = "raise the limit or write to another disk"
     else:
         why, fix = error.strerror or str(error), "fix that"
-    return KoGPT2Error(f"could not write {name}: {why}; {fix}, then {then}")
+    return WriteFailed(f"could not write {name}: {why}; {fix}, then {then}")
 
 
 @contextmanager
@@ -53,6 +57,20 @@ def writing(path: str | Path, then: str, what: str = "") -> Iterator[None]:
         yield
     except OSError as error:
         raise write_error(path, error, then, what) from None
+
+
+def write_whole(path: str | Path, data: bytes, then: str = "run it again", what: str = "") -> None:
+    """``data`` as the whole of ``path``, or nothing: written beside it, then renamed over it, so a full disk leaves
+    no half file (and the old one, if there was one); a failure is ``write_error``'s one line."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with writing(path, then, what):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 class KeptWriteErrors:

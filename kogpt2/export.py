@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import struct
 import sys
@@ -19,7 +18,7 @@ from .arguments import Parser
 from .corpus.chat_format import ChatFormat
 from .corpus.tokenizer import NEWLINE_V1, HFTokenizer
 from .defaults import CHAT_SAMPLING, PRETRAINED, SAMPLING
-from .errors import KoGPT2Error, report_errors
+from .errors import KoGPT2Error, report_errors, write_whole
 from .generation.engine import never_generated
 from .model.gpt import GPTConfig
 from .store.checkpoint import (
@@ -37,6 +36,7 @@ from .store.opening import standalone_payload
 from .store.scratch import is_scratch
 
 V1_VOCAB_SIZE = 50000
+AGAIN = "export again"  # what to do once a failed write's cause (a full disk) is fixed
 
 
 def export_generation_file(payload: dict, target: Path, half: bool) -> None:
@@ -52,42 +52,41 @@ def export_hf_folder(payload: dict, record: CheckpointRecord, target: Path, half
     tokenizer = tokenizer_of(payload)
     config = GPTConfig.from_dict(record.config)
     slim = generation_payload(payload, torch.bfloat16 if half else torch.float32)
-    target.mkdir(parents=True, exist_ok=True)
     ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
     hf_config = {**config.to_hf(), **ids, "torch_dtype": "bfloat16" if half else "float32"}
-    (target / "config.json").write_text(json.dumps(hf_config, indent=2), encoding="utf-8")
+    write_json(target / "config.json", hf_config)
     weights = target / "model.safetensors"
     write_safetensors(weights_of(slim), weights)
     chat = record.chat
     write_tokenizer_files(tokenizer, config, chat, target)
     sampling = CHAT_SAMPLING if chat else SAMPLING
     ends = {"eos_token_id": [tokenizer.eos_id, ChatFormat(tokenizer).usr_id]} if chat else {}
-    (target / "generation_config.json").write_text(json.dumps(
-        {**ids, **ends, "do_sample": True, "temperature": sampling.temperature, "top_k": sampling.top_k,
-         "top_p": sampling.top_p, "repetition_penalty": sampling.repetition_penalty,
-         "max_new_tokens": sampling.text_size, "suppress_tokens": never_generated(tokenizer)}, indent=2),
-        encoding="utf-8")
-    (target / "README.md").write_text(model_card(record, tokenizer), encoding="utf-8")
+    write_json(target / "generation_config.json", {
+        **ids, **ends, "do_sample": True, "temperature": sampling.temperature, "top_k": sampling.top_k,
+        "top_p": sampling.top_p, "repetition_penalty": sampling.repetition_penalty,
+        "max_new_tokens": sampling.text_size, "suppress_tokens": never_generated(tokenizer)})
+    write_whole(target / "README.md", model_card(record, tokenizer).encode("utf-8"), AGAIN)
+
+
+def write_json(path: Path, value: dict) -> None:
+    write_whole(path, json.dumps(value, ensure_ascii=False, indent=2).encode("utf-8"), AGAIN)
 
 
 def write_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={"format": "pt"})
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o666 & ~umask)  # safetensors writes it private; it is an ordinary file like the others
+    write_whole(path, save({k: v.contiguous() for k, v in state.items()}, metadata={"format": "pt"}), AGAIN)
 
 
 def write_tokenizer_files(tokenizer, config: GPTConfig, chat: bool, target: Path) -> None:
     """tokenizer.json and tokenizer_config.json, for ``AutoTokenizer.from_pretrained(target)``."""
-    (target / "tokenizer.json").write_bytes(tokenizer_json(tokenizer, text_model=not chat))
+    write_whole(target / "tokenizer.json", tokenizer_json(tokenizer, text_model=not chat), AGAIN)
     names = {name: tokenizer.id_to_piece(i) for name, i in
              (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id), ("pad_token", tokenizer.pad_id),
               ("unk_token", tokenizer.unk_id))}
-    (target / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.n_positions,
-         "clean_up_tokenization_spaces": False, **names}, ensure_ascii=False, indent=2), encoding="utf-8")
+    write_json(target / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.n_positions,
+        "clean_up_tokenization_spaces": False, **names})
 
 
 PEFT_PREFIX = "base_model.model."  # PeftModel's name for the wrapped GPT2LMHeadModel
@@ -102,11 +101,10 @@ def export_peft_folder(payload: dict, record: CheckpointRecord, target: Path, ha
         raise KoGPT2Error(f"{record.path} holds a whole model, not LoRA adapters (trained with --lora): export it "
                           "without --adapter")
     lora, base = record.lora, record.base
-    target.mkdir(parents=True, exist_ok=True)
-    (target / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base.source, "r": lora.rank,
-         "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "target_modules": list(lora.targets),
-         "fan_in_fan_out": True, "bias": "none", "inference_mode": True}, indent=2), encoding="utf-8")
+    write_json(target / "adapter_config.json", {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base.source, "r": lora.rank,
+        "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "target_modules": list(lora.targets),
+        "fan_in_fan_out": True, "bias": "none", "inference_mode": True})
     dtype = torch.bfloat16 if half else torch.float32
     write_safetensors({f"{PEFT_PREFIX}{name}.weight": tensor.to(dtype) for name, tensor in adapters_of(payload).items()},
                       target / "adapter_model.safetensors")

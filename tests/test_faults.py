@@ -451,3 +451,32 @@ def test_server_serves_under_a_closed_pipe(trained):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.mark.parametrize("flag", ["--output", "--samples", "--report"])
+def test_generated_files_on_a_full_disk_are_one_line_and_never_half_written(trained, tmp_path, capsys, flag):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("오늘\n내일\n", encoding="utf-8")
+    out = tmp_path / "out"
+    source = ["--tmp_sent", "오늘", "--loops", 0] if flag == "--samples" else ["--prompts", prompts]
+    target = {"--output": out / "texts.csv", "--samples": out, "--report": out / "report.json"}[flag]
+    capsys.readouterr()
+    with file_size_limit(60):  # the kernel refuses any file past 60 bytes, as a full disk would
+        code = run_generator("--load_path", trained / "KoGPT2_best.tar", *source, flag, target, "--text_size", 20,
+                             "--seed", 1)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and err.count("error:") == 1, err
+    assert re.fullmatch(r"error: could not write .*: the file is larger than this system allows .*, then run it again",
+                        err.strip().splitlines()[-1])
+    assert [p for p in out.rglob("*") if p.is_file()] == []  # nothing half written
+
+
+def test_export_on_a_full_disk_is_one_line(trained, tmp_path, capsys):
+    from kogpt2.export import main as export
+
+    with file_size_limit(100_000):
+        code = export([str(trained / "KoGPT2_best.tar"), str(tmp_path / "hf")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert re.fullmatch(r"error: could not write .*model.safetensors: .*, then export again", err.strip())
+    assert not list((tmp_path / "hf").glob(".*.tmp"))

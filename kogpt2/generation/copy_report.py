@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from ..corpus.tokenizer import Tokenizer
-from ..errors import KoGPT2Error
+from ..errors import KoGPT2Error, write_whole
 
 if TYPE_CHECKING:
     from ..store.checkpoint import CheckpointRecord
@@ -123,8 +123,7 @@ def write_report(path: str, samples: list[Sample], training: TrainingText, sourc
     summary = summarise(rows)
     report = {"checkpoint": source, "settings": samples[0].settings.to_dict() if samples else {},
               "summary": summary, "samples": rows}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
+    write_whole(path, json.dumps(report, ensure_ascii=False, indent=1).encode("utf-8"))
     print(f"report: {summary['samples']} samples, copy rate {summary['copy_rate']:.2f}, longest shared run "
           f"{summary['mean_longest_shared_words']:.1f} words on average, distinct-1 {summary['distinct_1']:.2f}, "
           f"distinct-2 {summary['distinct_2']:.2f} -> {path}")

@@ -3,13 +3,14 @@ each carrying what regenerates it; and reading a file of prompts (``--prompts``)
 from __future__ import annotations
 
 import csv
+import io
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..defaults import DATA_FORMAT, SamplingSettings
-from ..errors import KoGPT2Error
+from ..errors import KoGPT2Error, write_whole
 
 OUTPUT_SUFFIXES = (".csv", ".jsonl")
 
@@ -45,27 +46,25 @@ def write_rows(path: str, samples: list[Sample], source: str) -> None:
 
 
 def write_table(path: str, rows: list[dict]) -> None:
-    """CSV as UTF-8 with BOM (Excel shows Korean right; lists as JSON in a cell) or JSONL (lists as lists)."""
+    """CSV as UTF-8 with BOM (Excel shows Korean right; lists as JSON in a cell) or JSONL (lists as lists); whole or
+    not at all (a full disk is one line)."""
     check_output_path(path)
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.suffix.lower() == ".jsonl":
-        target.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    if Path(path).suffix.lower() == ".jsonl":
+        write_whole(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
         return
     cells = [{k: json.dumps(v, ensure_ascii=False) if isinstance(v, list) else v for k, v in row.items()}
              for row in rows]
-    with target.open("w", encoding="utf-8-sig", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(cells[0]) if cells else ["prompt", "text"])
-        writer.writeheader()
-        writer.writerows(cells)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(cells[0]) if cells else ["prompt", "text"])
+    writer.writeheader()
+    writer.writerows(cells)
+    write_whole(path, table.getvalue().encode("utf-8-sig"))
 
 
 def save_sample_file(folder: str, sample: Sample, source: str) -> Path:
     """Like the original: one file per result, its first line the checkpoint, prompt and settings."""
-    target = Path(folder)
-    target.mkdir(parents=True, exist_ok=True)
     header = {"checkpoint": source, "prompt": sample.prompt, "seed": sample.seed, "sample": sample.index,
               **sample.settings.to_dict()}
-    path = target / f"sample_{time.strftime('%Y%m%d_%H%M%S')}_{time.monotonic_ns() % 10**9:09d}.txt"
-    path.write_text(json.dumps(header, ensure_ascii=False) + "\n" + sample.text + "\n", encoding="utf-8")
+    path = Path(folder) / f"sample_{time.strftime('%Y%m%d_%H%M%S')}_{time.monotonic_ns() % 10**9:09d}.txt"
+    write_whole(path, (json.dumps(header, ensure_ascii=False) + "\n" + sample.text + "\n").encode("utf-8"))
     return path

@@ -8,7 +8,7 @@ from dataclasses import fields
 from typing import Callable, TextIO
 
 from ..defaults import SamplingSettings
-from ..errors import KoGPT2Error
+from ..errors import KoGPT2Error, WriteFailed
 from .engine import TextSampler, new_seed
 from .outputs import Sample
 
@@ -175,6 +175,8 @@ def converse(loop: PromptLoop, first: str | None, loops: int, respond: Callable[
                 break
             try:
                 respond(prompt)
+            except WriteFailed:  # its text was shown, but a file of it could not be written: stop, in one line
+                raise
             except KoGPT2Error as error:  # this prompt cannot be answered (a question too long): the next may
                 print(f"error: {error}", file=sys.stderr)
                 continue

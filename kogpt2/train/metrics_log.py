@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Callable
 
 from ..defaults import METRICS_FLUSH_SECONDS
-from ..errors import KoGPT2Error, writing
+from ..errors import KoGPT2Error, write_whole, writing
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -78,18 +77,9 @@ class MetricsLog:
             return
         lines = self.path.read_text(encoding="utf-8").splitlines()
         keep = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-        if len(keep) < len(lines):
-            tmp = self.path.with_name(f".{METRICS_NAME}.tmp")
-            with writing(self.path, self.go_on()):
-                try:  # all or nothing: a full disk keeps the whole log
-                    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-                    os.replace(tmp, self.path)
-                finally:
-                    tmp.unlink(missing_ok=True)
+        if len(keep) < len(lines):  # all or nothing: a full disk keeps the whole log
+            write_whole(self.path, "".join(line + "\n" for line in keep).encode("utf-8"), self.go_on())
 
     def write_sample(self, folder: str, step: int, text: str) -> None:
         """The sample drawn at ``step``, as ``sample_step<step>.txt`` in ``folder`` (--samples)."""
-        path = Path(folder) / f"sample_step{step}.txt"
-        with writing(path, self.go_on()):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text + "\n", encoding="utf-8")
+        write_whole(Path(folder) / f"sample_step{step}.txt", (text + "\n").encode("utf-8"), self.go_on())
