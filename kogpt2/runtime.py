@@ -27,6 +27,8 @@ def pick_device(name: str) -> torch.device:
                               f"numbered from 0")
         if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
             raise KoGPT2Error("--device mps: Apple's GPU is not available here; use --device cpu")
+        if name.startswith("cuda:"):  # the current GPU too: streams, events and graphs made later go to it
+            torch.cuda.set_device(int(name[5:]))
         return torch.device(name)
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -98,7 +100,7 @@ class HostCopy:
             self.values = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
             self.values.copy_(tensor, non_blocking=True)
             self.ready = torch.cuda.Event()
-            self.ready.record()
+            self.ready.record(torch.cuda.current_stream(tensor.device))  # the copy's GPU, not the current one
         else:
             self.values = tensor.to("cpu")
 

@@ -148,3 +148,14 @@ def test_nothing_changes_without_cuda_or_before_hopper(attention_order, monkeypa
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert choose("cuda", timings(RuntimeError("no kernel"), RuntimeError("no kernel"))) is None
     assert torch._C._get_sdp_priority_order() == attention_order
+
+
+def test_cuda_chooses_flex_attention_only_where_triton_can_build_it(monkeypatch):
+    """Without Triton (say, Windows' CUDA wheels) FlexAttention cannot compile: chat batches keep the dense mask."""
+    import kogpt2.model.gpt as gpt
+
+    model = gpt.GPT(gpt.GPTConfig(vocab_size=64, n_positions=32, n_embd=16, n_layer=1, n_head=2)).eval()
+    for triton in (True, False):
+        monkeypatch.setattr(gpt, "has_triton", lambda: triton)
+        assert model._flex(torch.device("cuda")) is triton
+    assert not model._flex(torch.device("cpu"))

@@ -349,3 +349,31 @@ def test_ctrl_c_while_a_checkpoint_is_written_in_the_background_keeps_it(tmp_pat
     assert "resume with --load_path" in capsys.readouterr().out
     assert not list(tmp_path.glob(".*.tmp"))
 
+
+
+def test_an_error_while_a_background_write_fails_is_the_one_reported(tmp_path, monkeypatch, capsys):
+    """A failed background write and, before the run learns of it, another error: the other error is the run's
+    last line (the write's is said before it), not hidden behind the write's."""
+    import errno
+
+    from kogpt2.errors import KoGPT2Error
+    from kogpt2.train import trainer
+
+    def full_disk(obj, file, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    original_step = trainer.Trainer._step
+
+    def failing_step(self, *args):
+        if self.progress.step == 3:
+            raise KoGPT2Error("out of GPU memory (as if)")
+        return original_step(self, *args)
+
+    monkeypatch.setattr(trainer, "writes_in_background", lambda device: True)
+    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(trainer.Trainer, "_step", failing_step)
+    assert run_main("--epoch", 2, "--data_file_path", SAMPLE_CSV, *TINY_TRAINING, "--save_path", tmp_path,
+                    "--save_every", 2) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: out of GPU memory (as if)"
+    assert any(line.startswith("error: could not write checkpoint") for line in err[:-1])

@@ -16,7 +16,7 @@ from ..errors import KoGPT2Error
 from ..model.gpt import GPT
 from ..runtime import HostCopy
 from .decoding_step import DecodingStep, graph_step
-from .sampling import (GREEDY_BELOW, apply_logit_bias, apply_presence_frequency, apply_repetition_penalty,
+from .sampling import (apply_logit_bias, apply_presence_frequency, apply_repetition_penalty,
                        block_repeated_ngrams, drawable, sample_next)
 
 
@@ -127,7 +127,7 @@ class Draws:
             logits = logits.index_fill(1, self.blocked, float("-inf"))
         tokens = sample_next(logits, s.temperature, s.top_k, s.top_p, self.rng)  # [rows]
         # a row with no distribution to draw from reaches the host as -1 (the device keeps a valid id)
-        self.drawn = HostCopy(tokens if s.temperature < GREEDY_BELOW else torch.where(drawable(logits), tokens, -1))
+        self.drawn = HostCopy(torch.where(drawable(logits), tokens, -1))
         if self.seen is not None:
             self.seen = torch.cat([self.seen, tokens.view(-1, 1)], dim=1)
         if self.counts is not None:

@@ -13,10 +13,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.utils._triton import has_triton
 
 from ..errors import KoGPT2Error
 from .config import ACTIVATIONS, GPTConfig
-from .head_loss import chunked_cross_entropy, linear_cross_entropy
+from .head_loss import VOCAB_MULTIPLE, chunked_cross_entropy, linear_cross_entropy
 from .kv_cache import KVCache
 from .tied_grad import TiedGradient
 
@@ -106,9 +107,9 @@ class GPT(nn.Module):
         # True: chat batches attend through FlexAttention with a block mask, as on CUDA, instead of SDPA with a dense
         # [batch, 1, time, time] mask (which rules out flash attention); tests set it to check that path on the CPU.
         self.flex_attention = False
-        # The loss's head pads the vocabulary to a multiple of this, inside its computation only (CUDA: 128, whole
-        # tensor-core tiles); parameters, checkpoints and the logits forward returns keep vocab_size.
-        self.vocab_multiple = 1
+        # The loss's head pads the vocabulary to a multiple of this, inside its computation only; None: by device
+        # (CUDA: 128, whole tensor-core tiles; else 1). Parameters, checkpoints and forward's logits keep vocab_size.
+        self.vocab_multiple: int | None = None
         self.tied_grad = TiedGradient(self.transformer.wte.weight)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
@@ -139,7 +140,8 @@ class GPT(nn.Module):
             return self.lm_head(hidden)
         hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # [B*T, n_embd], [B*T]
         if self.plain_autograd or hidden.device.type == "cuda":
-            return chunked_cross_entropy(hidden, self.lm_head.weight, targets, self.vocab_multiple)
+            multiple = self.vocab_multiple or (VOCAB_MULTIPLE if hidden.device.type == "cuda" else 1)
+            return chunked_cross_entropy(hidden, self.lm_head.weight, targets, multiple)
         return linear_cross_entropy(hidden, self.lm_head.weight, targets, self.tied_grad)
 
     def hidden_states(
@@ -190,10 +192,10 @@ class GPT(nn.Module):
         return self.transformer.wte(idx)
 
     def _flex(self, device: torch.device) -> bool:
-        """FlexAttention for chat batches on CUDA (or where a test asks), unless attention dropout is on: it has
-        none, and a run's dropout must not silently change."""
+        """FlexAttention for chat batches on CUDA where Triton can build its kernel (or where a test asks), unless
+        attention dropout is on: it has none, and a run's dropout must not silently change."""
         dropping = self.training and self.config.dropout > 0
-        return (self.flex_attention or device.type == "cuda") and not dropping
+        return (self.flex_attention or device.type == "cuda" and has_triton()) and not dropping
 
     @staticmethod
     def _segment_positions_and_mask(segments: torch.Tensor,

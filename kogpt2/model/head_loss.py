@@ -137,7 +137,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                     grad_logits = grad_logits.to(dtype)  # [rows, padded vocab]
                     grad_hidden.append(grad_logits @ w)  # [rows, C]
                     if grad_weight is not None:
-                        grad_weight += (grad_logits.t() @ h_chunk).float()  # [padded vocab, C]
+                        # [padded vocab, C]; in fp16 a frequent target's sum over the chunk's rows can pass 65,504
+                        # whatever the loss scale (then every step is skipped): that product is made in fp32
+                        grad_weight += grad_logits.t().float() @ h_chunk.float() if dtype == torch.float16 \
+                            else (grad_logits.t() @ h_chunk).float()
             if need_grad:
                 ctx.save_for_backward(torch.cat(grad_hidden).to(hidden.dtype),
                                       None if grad_weight is None else grad_weight[:vocab].to(weight.dtype))

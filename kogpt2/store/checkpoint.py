@@ -106,14 +106,16 @@ class CheckpointWriter:
         self.thread = threading.Thread(target=write_then_finish, name=f"writing {path.name}")
         self.thread.start()
 
-    def wait(self) -> None:
-        """Until the last write has ended; its failure, if it failed."""
+    def wait(self, raising: bool = True) -> BaseException | None:
+        """Until the last write has ended; its failure, if it failed (raised, or returned where another error is
+        already being reported)."""
         if self.thread is not None:
             self.thread.join()
             self.thread = None
-        if self.error is not None:
-            error, self.error = self.error, None
+        error, self.error = self.error, None
+        if error is not None and raising:
             raise error
+        return error
 
 
 def host_snapshot(value):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -31,7 +32,7 @@ from ..defaults import (
 from ..errors import KoGPT2Error
 from ..generation.engine import fixed_sample
 from ..model.gpt import GPT
-from ..model.head_loss import IGNORE_INDEX, VOCAB_MULTIPLE
+from ..model.head_loss import IGNORE_INDEX
 from ..runtime import AttentionChoice, HostCopy, choose_attention_kernel, sum_dtype
 from ..store.checkpoint import (
     BEST_NAME,
@@ -102,7 +103,6 @@ class Trainer:
         self.device = next(model.parameters()).device
         model.grad_checkpoint = settings.grad_checkpoint
         self.attention = self._choose_attention_kernel()
-        model.vocab_multiple = VOCAB_MULTIPLE if self.device.type == "cuda" else 1
         model.tied_grad.in_place = not world.active  # DDP's hooks need every gradient to flow through autograd
         self.ddp = None
         if world.active:
@@ -258,8 +258,12 @@ class Trainer:
                     if reason:
                         self.log(reason)
                         break
-            finally:
-                self.checkpoints.wait()
+            except BaseException:  # the error in flight is the one to report; a failed write too, if there was one
+                failed = self.checkpoints.wait(raising=False)
+                if failed is not None:
+                    self.log(f"error: {failed}", file=sys.stderr)
+                raise
+            self.checkpoints.wait()
         return self.last_path
 
     def _epoch(self, bar, stop: StopRequest) -> str | None:
@@ -297,13 +301,16 @@ class Trainer:
                 if self.world.is_main:
                     bar.write(f"[step {progress.step}] sample: {self._sample()}")
             early_stop = settings.patience > 0 and progress.evals_without_improvement >= settings.patience
-            stopping = stop.signal is not None or queued.stop_elsewhere
+            # under torchrun only the flags summed over the ranks, so that every rank stops at the same step
+            stopping = queued.stop_elsewhere if self.world.active else stop.signal is not None
             saving = end_of_epoch or improved or early_stop or stopping or progress.step % settings.save_every == 0
             if evaluating or saving:
                 self._read(queued, pace, bar)
                 unread = None
             if saving:
                 self.last_path = self.save(best=improved)
+            if early_stop or stopping:  # the message names the last checkpoint: it must be on disk
+                self.checkpoints.wait()
             if early_stop:
                 return f"early stop: validation loss has not improved for {settings.patience} evaluations"
             if stopping:
