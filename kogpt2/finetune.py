@@ -46,7 +46,8 @@ from .train.trainer import Trainer, TrainSettings
 
 # Settings a resume takes from the checkpoint unless given again: with them the run continues exactly.
 RESUMED_SETTINGS = ("max_len", "batch_size", "grad_accum", "lr", "warmup", "dropout", "val_ratio", "val_file", "seed",
-                    "column", "chat", "question_column", "answer_column", "dialogue_column", "eval_every",
+                    "encoding", "format", "txt_unit", "column", "chat", "question_column", "answer_column",
+                    "dialogue_column", "eval_every",
                     "save_every", "keep_last", "patience", "precision", "deterministic", "lora", "lora_alpha",
                     "lora_dropout", "lora_layers")
 
@@ -153,6 +154,17 @@ def take_checkpoint_settings(args: argparse.Namespace, recorded: dict, given: se
             "uninterrupted run exactly")
 
 
+DATA_SETTINGS = ("data_file_path", "val_file", "encoding", "format", "txt_unit")
+
+
+def data_files(args: argparse.Namespace) -> tuple[CsvFile, CsvFile | None]:
+    """The training file and the validation file (if any), read as ``args`` say."""
+    def opened(path: str) -> CsvFile:
+        return CsvFile(path, args.encoding, args.format, args.txt_unit)
+
+    return opened(args.data_file_path), opened(args.val_file) if args.val_file else None
+
+
 def corpus_of(csv: CsvFile, args: argparse.Namespace) -> TextCorpus | ChatCorpus:
     return open_corpus(csv, args.chat, args.column, args.question_column, args.answer_column, args.dialogue_column,
                        not args.no_cache, args.seed)
@@ -163,14 +175,14 @@ def _run(args: argparse.Namespace, world: World, device_name: str) -> int:
     say = print if world.is_main else (lambda *a, **k: None)
     keep_freed_memory()
     device = pick_device(device_name)
-    # checked before any model is loaded or downloaded
-    train_csv = CsvFile(args.data_file_path, args.encoding, args.format, args.txt_unit)
-    val_csv = CsvFile(args.val_file, args.encoding, args.format, args.txt_unit) if args.val_file else None
+    train_csv, val_csv = data_files(args)  # checked before any model is loaded or downloaded
     check_save_path(args.save_path)
     resume = _start(args, say)
     run_id = resume.record.run if resume is not None and resume.record.ours else new_run()
     refuse_another_run(args.save_path, run_id, args.load_path)
     run = settings_of_run(args, resume, say)
+    if [getattr(run, name) for name in DATA_SETTINGS] != [getattr(args, name) for name in DATA_SETTINGS]:
+        train_csv, val_csv = data_files(run)  # a resume reads its data as its run did
     if run.deterministic:
         make_deterministic()
     torch.manual_seed(run.seed)  # a fresh model's initial weights, dropout: all follow --seed

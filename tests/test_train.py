@@ -274,7 +274,7 @@ def test_each_loss_is_read_after_the_next_step_is_queued(tmp_path, monkeypatch):
     assert saved["progress"]["loss"] == logged[-1]["train_loss"]
 
 
-def test_metrics_are_written_in_batches_and_before_each_checkpoint(tmp_path, monkeypatch):
+def test_metrics_are_written_in_batches_and_before_each_checkpoint(tmp_path):
     from kogpt2.defaults import METRICS_FLUSH_SECONDS
     from kogpt2.train.metrics_log import MetricsLog
 
@@ -282,7 +282,8 @@ def test_metrics_are_written_in_batches_and_before_each_checkpoint(tmp_path, mon
     log = MetricsLog(tmp_path, tensorboard=False, go_on=lambda: "resume", clock=lambda: now[0])
     for step in range(1, 6):
         log.write(step=step, train_loss=1.0)
-    assert not log.path.exists()  # five quick steps: no write yet
+    # the first line at once (the run has begun), the next four quick steps wait
+    assert [json.loads(line)["step"] for line in log.path.read_text().splitlines()] == [1]
     now[0] += METRICS_FLUSH_SECONDS
     log.write(step=6, train_loss=1.0)
     assert [json.loads(line)["step"] for line in log.path.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
@@ -377,3 +378,25 @@ def test_an_error_while_a_background_write_fails_is_the_one_reported(tmp_path, m
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "error: out of GPU memory (as if)"
     assert any(line.startswith("error: could not write checkpoint") for line in err[:-1])
+
+
+def test_a_resume_reads_its_data_as_its_run_did(tmp_path, monkeypatch, capsys):
+    """A run over a .txt of paragraphs with a validation file, resumed without --format, --txt_unit or --val_file:
+    the same blocks and the same validation set, so the same run."""
+    paragraphs = "\n\n".join(f"오늘 {i}번째 문단입니다.\n둘째 줄 {i}." for i in range(60))
+    (tmp_path / "train.txt").write_text(paragraphs, encoding="utf-8")
+    (tmp_path / "val.txt").write_text("검증 문단 하나.\n\n검증 문단 둘.", encoding="utf-8")
+    args = ("--epoch", 2, "--data_file_path", tmp_path / "train.txt", "--pretrained", "scratch:tiny", "--max_len", 32,
+            "--batch_size", 4, "--seed", 1)
+    given = ("--format", "txt", "--txt_unit", "paragraph", "--val_file", tmp_path / "val.txt")
+    assert run_main(*args, *given, "--save_path", tmp_path / "straight") == 0
+    ctrl_c_at_step(monkeypatch, 3)
+    assert run_main(*args, *given, "--save_path", tmp_path / "cut") == 0
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert run_main(*args, "--save_path", tmp_path / "cut", "--load_path", tmp_path / "cut") == 0
+    banner = next(line for line in capsys.readouterr().out.splitlines() if "checkpoint's settings" in line)
+    assert "--format txt" in banner and "--txt_unit paragraph" in banner and "--val_file" in banner
+    want, got = final_state(tmp_path / "straight"), final_state(tmp_path / "cut")
+    assert_same_tensors(want["model_state_dict"], got["model_state_dict"])
+    assert want["progress"] == got["progress"]

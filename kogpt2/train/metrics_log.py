@@ -34,9 +34,9 @@ def _tensorboard_writer(folder: Path):
 
 class MetricsLog:
     """Each step's numbers, kept and appended in batches (a GPU makes many steps a second: one write each would be
-    a system call and, with TensorBoard, a flush per step). A batch goes to disk every ``METRICS_FLUSH_SECONDS``,
-    before each checkpoint and at the end, so the file covers every checkpoint's steps; a run that starts at step k
-    (a resume) first forgets the lines past k."""
+    a system call and, with TensorBoard, a flush per step). The first line goes to disk at once (the run has begun),
+    then a batch every ``METRICS_FLUSH_SECONDS``, before each checkpoint and at the end, so the file covers every
+    checkpoint's steps; a run that starts at step k (a resume) first forgets the lines past k."""
 
     def __init__(self, folder: Path, tensorboard: bool, go_on: Callable[[], str],
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -47,7 +47,7 @@ class MetricsLog:
         self.go_on = go_on
         self.clock = clock
         self.waiting: list[dict] = []
-        self.flushed_at = clock()
+        self.flushed_at = -float("inf")  # the first line goes at once: the log shows the run has begun
 
     def write(self, **values) -> None:
         self.waiting.append(values)
