@@ -1,4 +1,5 @@
-"""The benchmark scripts run every code path (their --smoke modes), so a change cannot silently break them."""
+"""The benchmark scripts run every code path (their --smoke modes), so a change cannot silently break them; with
+real processes, they are among the slow runs (`pytest -m slow`)."""
 import subprocess
 import sys
 
@@ -6,6 +7,7 @@ import pytest
 from conftest import REPO
 
 
+@pytest.mark.slow
 def test_serve_benchmark_smoke():
     pytest.importorskip("fastapi", reason="the server's packages are absent: pip install -r requirements-serve.txt")
     result = subprocess.run([sys.executable, "bench/serve.py", "--smoke", "--tokens", "8"], cwd=REPO,
@@ -14,6 +16,7 @@ def test_serve_benchmark_smoke():
     assert "served:" in result.stdout and "64 clients, line of 16:" in result.stdout
 
 
+@pytest.mark.slow
 def test_head_memory_benchmark_smoke():
     result = subprocess.run([sys.executable, "bench/head_memory.py", "--smoke"], cwd=REPO, capture_output=True,
                             text=True, timeout=120)

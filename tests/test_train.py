@@ -301,7 +301,7 @@ def test_checkpoints_written_in_the_background_are_those_written_in_place(tmp_pa
 
     def slow_save(obj, file, *args, **kwargs):
         started = time.monotonic()
-        time.sleep(0.3)
+        time.sleep(0.2)
         real_save(obj, file, *args, **kwargs)
         writes.append((started, time.monotonic()))
 
@@ -312,7 +312,7 @@ def test_checkpoints_written_in_the_background_are_those_written_in_place(tmp_pa
         return original_step(self, *args)
 
     monkeypatch.setattr(trainer.Trainer, "_step", timed_step)
-    args = ("--epoch", 2, "--data_file_path", SAMPLE_CSV, *TINY_TRAINING, "--save_every", 2, "--keep_last", 0)
+    args = ("--epoch", 1, "--data_file_path", SAMPLE_CSV, *TINY_TRAINING, "--save_every", 4, "--keep_last", 0)
     assert run_main(*args, "--save_path", tmp_path / "in_place") == 0
     monkeypatch.setattr(trainer, "writes_in_background", lambda device: True)
     monkeypatch.setattr(torch, "save", slow_save)
