@@ -68,6 +68,7 @@ def quickstart_commands() -> list[str]:
     return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
 
 
+@pytest.mark.slow  # a copy of the checkout, and the README's quickstart run there as real processes
 def test_readme_quickstart_runs_offline_in_a_clean_checkout(tmp_path):
     checkout = tmp_path / "checkout"
     shutil.copytree(REPO, checkout, ignore=shutil.ignore_patterns(".git", "checkpoint", "quickstart", "__pycache__",
