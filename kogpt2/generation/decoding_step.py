@@ -102,7 +102,7 @@ class GraphStep:
     def __init__(self, model: GPT, cache: KVCache) -> None:
         self.model = weakref.ref(model)  # kept per model in a weak map: the step must not keep its model alive
         self.cache = cache
-        batch, device = cache.buffer.shape[2], cache.buffer.device
+        batch, device = cache.rows, cache.buffer.device
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.input_pos = torch.zeros(batch, 1, dtype=torch.long, device=device)  # each row's slot
         self.views = {length: cache.view(batch, length) for length in visible_lengths(cache.capacity)}

@@ -39,7 +39,6 @@ class Decoder:
         self.cache = self.graph.cache if static else model.kv_cache(batch, slots)
         self.kernels = DecodingStep(model, batch)
         self.position = 0
-        self.batch = batch
 
     @property
     def full(self) -> bool:
@@ -68,7 +67,6 @@ class Decoder:
             return False
         self.cache.keep_rows(rows)
         self.kernels = DecodingStep(self.kernels.model, len(rows))
-        self.batch = len(rows)
         return True
 
 
@@ -185,9 +183,9 @@ def generate_ids(model: GPT, prompt_ids: list[int], settings: SamplingSettings, 
     def whole_batch(going: torch.Tensor) -> torch.Tensor:
         """The going rows' values in a tensor of the decoder's batch (a fixed shape keeps every row; the others
         are run, unread)."""
-        if len(rows) == decoder.batch:
+        if len(rows) == decoder.cache.rows:
             return going
-        full = torch.zeros((decoder.batch, *going.shape[1:]), dtype=going.dtype, device=device)
+        full = torch.zeros((decoder.cache.rows, *going.shape[1:]), dtype=going.dtype, device=device)
         return full.index_copy(0, rows, going)
 
     logits = decoder.prefill(torch.tensor(draws.rows, device=device))  # [batch, vocab]

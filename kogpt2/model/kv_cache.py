@@ -29,6 +29,10 @@ class KVCache:
     def capacity(self) -> int:
         return self.buffer.shape[-2]
 
+    @property
+    def rows(self) -> int:
+        return self.buffer.shape[2]
+
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``k``, ``v`` [batch, head, time, head_dim] at slots ``input_pos``: [time], the same for every row, or
