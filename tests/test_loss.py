@@ -9,8 +9,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import kogpt2.model.head_loss as loss_module
+from bench.head_memory import plain_cross_entropy
 from kogpt2.model.gpt import GPT, GPTConfig
-from kogpt2.model.head_loss import IGNORE_INDEX, chunked_cross_entropy, linear_cross_entropy, padded_vocab
+from kogpt2.model.head_loss import (
+    IGNORE_INDEX,
+    chunked_cross_entropy,
+    linear_cross_entropy,
+    padded_vocab,
+)
 
 
 @pytest.mark.parametrize("chunk_elements", [10_000, 8 * 2**20])  # many chunks, one
@@ -51,11 +57,6 @@ def test_the_models_two_loss_paths_agree(chat):
     model.plain_autograd = True
     plain = model(ids, targets=targets, segments=segments)
     assert torch.allclose(chunked, plain, rtol=1e-5)
-
-
-def plain_cross_entropy(hidden, weight, targets):
-    """What CUDA and compiled steps ran before: every logit in the autocast dtype, then an fp32 copy of them all."""
-    return F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 @pytest.mark.parametrize("frozen_head", [False, True])

@@ -180,7 +180,7 @@ def test_chat_training_compiled_on_cuda_is_one_graph(tmp_path):
 def test_the_heads_chunked_bf16_loss_equals_the_plain_one_in_a_fraction_of_its_memory():
     """16 x 1024 tokens over v1's 50,000 words (padded to 50,048 inside) under bf16 autocast: the loss and gradients
     of the plain head and cross-entropy, without its [tokens, vocab] fp32 copies (some 3.3 GB each)."""
-    import torch.nn.functional as F
+    from bench.head_memory import plain_cross_entropy
 
     from kogpt2.model.head_loss import IGNORE_INDEX, chunked_cross_entropy
 
@@ -189,8 +189,7 @@ def test_the_heads_chunked_bf16_loss_equals_the_plain_one_in_a_fraction_of_its_m
     weight = (torch.randn(50_000, 768, device="cuda") * 0.05).requires_grad_()
     targets = torch.randint(0, 50_000, (16 * 1024,), device="cuda")
     targets[::7] = IGNORE_INDEX
-    forms = {"plain": lambda: F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=IGNORE_INDEX,
-                                              reduction="sum"),
+    forms = {"plain": lambda: plain_cross_entropy(hidden, weight, targets),
              "chunked": lambda: chunked_cross_entropy(hidden, weight, targets, 128)}
     results, peaks = {}, {}
     for name, form in forms.items():
