@@ -302,7 +302,7 @@ class Trainer:
                     bar.write(f"[step {progress.step}] sample: {self._sample()}")
             early_stop = settings.patience > 0 and progress.evals_without_improvement >= settings.patience
             # under torchrun only the flags summed over the ranks, so that every rank stops at the same step
-            stopping = queued.stop_elsewhere if self.world.active else stop.signal is not None
+            stopping = queued.any_rank_stops if self.world.active else stop.signal is not None
             saving = end_of_epoch or improved or early_stop or stopping or progress.step % settings.save_every == 0
             if evaluating or saving:
                 self._read(queued, pace, bar)
@@ -399,7 +399,7 @@ class QueuedStep:
 
     loss_sum: HostCopy
     tokens: int
-    stop_elsewhere: bool
+    any_rank_stops: bool
     entry: dict | None = None
 
 
